@@ -1,0 +1,3 @@
+from .ws_conv import WSConv2d, standardize_weight
+
+__all__ = ["WSConv2d", "standardize_weight"]

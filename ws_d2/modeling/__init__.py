@@ -1,0 +1,15 @@
+from . import backbone as _backbone  # noqa: F401  (registration)
+from . import heads as _heads  # noqa: F401  (registration)
+from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone
+from .heads import WSFastRCNNConvFCHead, WSMaskRCNNConvUpsampleHead
+from .ws_convert import convert_to_ws, count_ws_convs, fold_ws
+
+__all__ = [
+    "WSFastRCNNConvFCHead",
+    "WSMaskRCNNConvUpsampleHead",
+    "build_ws_resnet_backbone",
+    "build_ws_resnet_fpn_backbone",
+    "convert_to_ws",
+    "count_ws_convs",
+    "fold_ws",
+]

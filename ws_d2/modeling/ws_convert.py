@@ -1,0 +1,72 @@
+"""Put WS on exactly the convs a normalization layer follows, in any detectron2 module."""
+
+import torch
+from detectron2.layers import Conv2d
+
+from ws_d2.layers import WSConv2d
+
+__all__ = ["convert_to_ws", "fold_ws", "count_ws_convs"]
+
+
+def convert_to_ws(module: torch.nn.Module, eps: float = 1e-5) -> torch.nn.Module:
+    """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters.
+
+    detectron2's ResNet stem, blocks and shortcuts, FPN lateral/output convs and the conv heads build
+    `Conv2d(..., norm=...)`; the RPN convs, the predictors and the mask deconv carry no norm (or are
+    other classes) and stay plain, as in the published GN+WS models. Returns `module` (changed in place;
+    a `Conv2d` passed directly is returned converted).
+    """
+    if _needs_ws(module):
+        return WSConv2d.from_conv2d(module, eps)
+    for name, child in module.named_children():
+        converted = convert_to_ws(child, eps)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def fold_ws(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every `WSConv2d` by a plain `Conv2d` holding its standardized weight.
+
+    The outputs are identical and the module needs nothing from ws_d2 any more: its state_dict loads
+    into detectron2's stock GN model of the same config. Changes `module` in place and returns it.
+    """
+    if isinstance(module, WSConv2d):
+        return _fold_one(module)
+    for name, child in module.named_children():
+        folded = fold_ws(child)
+        if folded is not child:
+            setattr(module, name, folded)
+    return module
+
+
+def count_ws_convs(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, WSConv2d) for m in module.modules())
+
+
+def _needs_ws(module):
+    return type(module) is Conv2d and module.norm is not None
+
+
+def _fold_one(ws: WSConv2d) -> Conv2d:
+    weight = ws.weight
+    conv = Conv2d(
+        ws.in_channels,
+        ws.out_channels,
+        ws.kernel_size,
+        stride=ws.stride,
+        padding=ws.padding,
+        dilation=ws.dilation,
+        groups=ws.groups,
+        bias=ws.bias is not None,
+        padding_mode=ws.padding_mode,
+        norm=ws.norm,
+        activation=ws.activation,
+        device="meta",
+    )
+    with torch.no_grad():
+        standardized = ws.standardized_weight().detach().clone()
+    conv.weight = torch.nn.Parameter(standardized, requires_grad=weight.requires_grad)
+    conv.bias = ws.bias
+    conv.train(ws.training)
+    return conv
