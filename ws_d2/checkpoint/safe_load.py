@@ -1,0 +1,157 @@
+"""Read checkpoint files without running code from them.
+
+A pickle can name any importable callable and have it called while loading (``os.system`` included);
+checkpoints come from the internet, so ws_d2 reads every one of them through here:
+
+- ``.pkl`` (detectron2 / Detectron / our converter's output): a ``pickle.Unpickler`` that admits only plain
+  containers, numbers, strings and numpy arrays / dtypes / scalars;
+- everything else (``.pth``, ``.pth.tar``, ``.pt``, ...): ``torch.load(weights_only=True)``, which admits
+  tensors and plain containers, plus the same numpy globals.
+
+A refused global raises ``UnsafeCheckpointError``; a truncated or corrupt file raises ``CheckpointLoadError``.
+Both are ``CheckpointError`` and carry a one-line message naming the file.
+"""
+
+import _codecs
+import collections
+import os
+import pickle
+import re
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointLoadError",
+    "UnsafeCheckpointError",
+    "load_checkpoint_file",
+    "load_pickle_stream",
+    "load_torch_stream",
+]
+
+
+class CheckpointError(Exception):
+    """A checkpoint file could not be read safely."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file asks to call or build something outside the admitted plain data types."""
+
+    def __init__(self, name, refused_global):
+        super().__init__(f"{name}: refused to load: it references {refused_global}, which is not plain data")
+        self.refused_global = refused_global
+
+
+class CheckpointLoadError(CheckpointError):
+    """The file is truncated, corrupt or not a checkpoint."""
+
+
+try:  # numpy >= 2 moved numpy.core to numpy._core; pickles from either name the path they were made with
+    from numpy._core import multiarray as _np_multiarray
+    from numpy._core import numeric as _np_numeric
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _np_multiarray
+    from numpy.core import numeric as _np_numeric
+
+
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    # Python 3 pickles bytes at protocol <= 2 as _codecs.encode(str, "latin1"); nothing else needs it.
+    if encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return _codecs.encode(text, encoding, errors)
+
+
+_NUMPY_RECONSTRUCTORS = {"_reconstruct": _np_multiarray._reconstruct, "scalar": _np_multiarray.scalar}
+_ADMITTED_GLOBALS = {
+    **{
+        ("builtins", t.__name__): t
+        for t in (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool)
+    },
+    ("__builtin__", "unicode"): str,  # Python 2 pickles
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{
+        (module, name): obj
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name, obj in _NUMPY_RECONSTRUCTORS.items()
+    },
+    # pickle protocol 5 rebuilds arrays from out-of-band buffers
+    **{(module, "_frombuffer"): _np_numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ADMITTED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _stream_name(f, name):
+    return name or getattr(f, "name", None) or "<checkpoint stream>"
+
+
+def load_pickle_stream(f, *, encoding="latin1", name=None):
+    """Unpickle plain data (containers, numbers, strings, numpy arrays) from a binary stream.
+
+    ``encoding="latin1"`` reads Python 2 pickles (Detectron's .pkl files) into numpy arrays correctly.
+    """
+    name = _stream_name(f, name)
+    try:
+        return _PlainDataUnpickler(f, encoding=encoding).load()
+    except _RefusedGlobal as e:
+        raise UnsafeCheckpointError(name, str(e)) from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointLoadError(f"{name}: not a readable pickle (truncated or corrupt?): {_one_line(e)}") from None
+
+
+# The numpy objects torch.load may also rebuild (e.g. numpy scalars in a checkpoint's metadata).
+_TORCH_SAFE_NUMPY = [np.ndarray, np.dtype, _np_multiarray._reconstruct, _np_multiarray.scalar, _latin1_encode]
+
+
+def load_torch_stream(f, *, name=None):
+    """``torch.load(weights_only=True)`` onto the CPU, with ws_d2's named errors."""
+    name = _stream_name(f, name)
+    try:
+        with torch.serialization.safe_globals(_TORCH_SAFE_NUMPY):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        if "Weights only load failed" in message:
+            match = re.search(r"GLOBAL ([\w.]+)", message)
+            refused = match.group(1) if match else _one_line(message.split("Please file an issue")[0])[:200]
+            raise UnsafeCheckpointError(name, refused) from None
+        raise CheckpointLoadError(f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}") from None
+    except (EOFError, RuntimeError, ValueError, TypeError, OSError) as e:
+        raise CheckpointLoadError(f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}") from None
+
+
+def _one_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def load_checkpoint_file(path):
+    """Read a local checkpoint file into a dict without running code from it.
+
+    ``.pkl`` files go through the plain-data unpickler, anything else through ``torch.load(weights_only=True)``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointLoadError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        if path.endswith(".pkl"):
+            data = load_pickle_stream(f, name=path)
+        else:
+            data = load_torch_stream(f, name=path)
+    if not isinstance(data, dict):
+        raise CheckpointLoadError(f"{path}: expected a dict of tensors, found a {type(data).__name__}")
+    return data
