@@ -68,7 +68,13 @@ _ADMITTED_GLOBALS = {
         ("builtins", t.__name__): t
         for t in (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool)
     },
-    ("__builtin__", "unicode"): str,  # Python 2 pickles
+    # Python 2 pickles name the builtins module __builtin__ (our find_class replaces pickle's renaming)
+    **{
+        ("__builtin__", t.__name__): t
+        for t in (dict, list, tuple, set, frozenset, str, int, float, complex, bool)
+    },
+    ("__builtin__", "unicode"): str,
+    ("__builtin__", "long"): int,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _latin1_encode,
     ("numpy", "ndarray"): np.ndarray,
@@ -79,7 +85,10 @@ _ADMITTED_GLOBALS = {
         for name, obj in _NUMPY_RECONSTRUCTORS.items()
     },
     # pickle protocol 5 rebuilds arrays from out-of-band buffers
-    **{(module, "_frombuffer"): _np_numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    **{
+        (module, "_frombuffer"): _np_numeric._frombuffer
+        for module in ("numpy.core.numeric", "numpy._core.numeric")
+    },
 }
 
 
@@ -110,11 +119,22 @@ def load_pickle_stream(f, *, encoding="latin1", name=None):
     except _RefusedGlobal as e:
         raise UnsafeCheckpointError(name, str(e)) from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise CheckpointLoadError(f"{name}: not a readable pickle (truncated or corrupt?): {_one_line(e)}") from None
+        raise CheckpointLoadError(
+            f"{name}: not a readable pickle (truncated or corrupt?): {_one_line(e)}"
+        ) from None
 
 
-# The numpy objects torch.load may also rebuild (e.g. numpy scalars in a checkpoint's metadata).
-_TORCH_SAFE_NUMPY = [np.ndarray, np.dtype, _np_multiarray._reconstruct, _np_multiarray.scalar, _latin1_encode]
+# The numpy objects torch.load may also rebuild (numpy arrays or scalars saved in a .pth). numpy >= 1.20
+# gives each builtin dtype its own class (numpy.dtypes.Float32DType, ...), which torch checks on BUILD.
+_TORCH_SAFE_NUMPY = [
+    np.ndarray,
+    np.dtype,
+    _np_multiarray._reconstruct,
+    _np_multiarray.scalar,
+    *{type(np.dtype(code)) for code in np.typecodes["All"]},
+]
+# How torch's weights-only unpickler names what it refused, most specific first.
+_TORCH_REFUSAL_PATTERNS = [r"GLOBAL ([\w.]+)", r"got <class '([\w.]+)'>", r"WeightsUnpickler error: ([^\n]+)"]
 
 
 def load_torch_stream(f, *, name=None):
@@ -126,12 +146,18 @@ def load_torch_stream(f, *, name=None):
     except pickle.UnpicklingError as e:
         message = str(e)
         if "Weights only load failed" in message:
-            match = re.search(r"GLOBAL ([\w.]+)", message)
-            refused = match.group(1) if match else _one_line(message.split("Please file an issue")[0])[:200]
-            raise UnsafeCheckpointError(name, refused) from None
-        raise CheckpointLoadError(f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}") from None
+            matches = (re.search(pattern, message) for pattern in _TORCH_REFUSAL_PATTERNS)
+            refused = next(
+                (m.group(1) for m in matches if m), "a global outside torch's weights-only allowlist"
+            )
+            raise UnsafeCheckpointError(name, refused[:200]) from None
+        raise CheckpointLoadError(
+            f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}"
+        ) from None
     except (EOFError, RuntimeError, ValueError, TypeError, OSError) as e:
-        raise CheckpointLoadError(f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}") from None
+        raise CheckpointLoadError(
+            f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}"
+        ) from None
 
 
 def _one_line(error):

@@ -1,0 +1,172 @@
+"""Rename-rule tables from published GN+WS checkpoint layouts to detectron2 (ws_d2) parameter names.
+
+Each table is a list of ``(source regex, target template or None, why)``. A template is filled from the
+regex's named groups plus the derived indices below; ``None`` drops the key, and ``why`` says why in the
+report. Layouts are documented in REFERENCE.md ("Authors' ImageNet GN+WS checkpoints", "MMDetection GN+WS
+detectors"). Source keys no rule matches are reported, never silently lost.
+"""
+
+import re
+
+__all__ = [
+    "DETECTOR_RULES",
+    "RESNET_RULES",
+    "detect_layout",
+    "infer_resnet_architecture",
+    "rename",
+    "common_prefix",
+    "unwrap_state_dict",
+]
+
+# torchvision-style ResNet (the authors' ImageNet files, MMDetection's re-hosted copies, torchvision itself)
+# -> detectron2 ResNet. The authors name their GroupNorms bn*, MMDetection names them gn*.
+_NORM = r"(?P<param>weight|bias|running_mean|running_var)"  # running stats only exist in BatchNorm files
+_BLOCK = r"layer(?P<layer>\d)\.(?P<block>\d+)"
+RESNET_RULES = [
+    (r"conv1\.weight", "stem.conv1.weight", None),
+    (rf"[bg]n1\.{_NORM}", "stem.conv1.norm.{param}", None),
+    (rf"{_BLOCK}\.conv(?P<k>\d)\.weight", "res{stage}.{block}.conv{k}.weight", None),
+    (rf"{_BLOCK}\.[bg]n(?P<k>\d)\.{_NORM}", "res{stage}.{block}.conv{k}.norm.{param}", None),
+    (rf"{_BLOCK}\.downsample\.0\.weight", "res{stage}.{block}.shortcut.weight", None),
+    (rf"{_BLOCK}\.downsample\.1\.{_NORM}", "res{stage}.{block}.shortcut.norm.{param}", None),
+    (r"fc\.(weight|bias)", None, "ImageNet classifier: no counterpart in a detector"),
+    (r".*num_batches_tracked", None, "BatchNorm step counter: not a weight"),
+]
+
+# MMDetection (v2 layout) Faster/Mask R-CNN with FPN, 4conv1fc box head and 4-conv mask head -> detectron2
+# GeneralizedRCNN. Class, anchor and box-delta orders coincide (background last, ratios 0.5/1/2, per-class
+# dx,dy,dw,dh), so this is a pure renaming.
+_CONV_MODULE = r"(?:conv\.weight|gn\.(?P<param>weight|bias))"  # mmcv ConvModule: .conv + .gn
+_D2_CONV = "{conv_or_norm}"
+DETECTOR_RULES = [
+    *[
+        (rf"backbone\.{src}", None if dst is None else f"backbone.bottom_up.{dst}", why)
+        for src, dst, why in RESNET_RULES
+    ],
+    (
+        rf"neck\.lateral_convs\.(?P<level_index>\d)\.{_CONV_MODULE}",
+        "backbone.fpn_lateral{level}" + _D2_CONV,
+        None,
+    ),
+    (rf"neck\.fpn_convs\.(?P<level_index>\d)\.{_CONV_MODULE}", "backbone.fpn_output{level}" + _D2_CONV, None),
+    (r"rpn_head\.rpn_conv\.(?P<p>weight|bias)", "proposal_generator.rpn_head.conv.{p}", None),
+    (r"rpn_head\.rpn_cls\.(?P<p>weight|bias)", "proposal_generator.rpn_head.objectness_logits.{p}", None),
+    (r"rpn_head\.rpn_reg\.(?P<p>weight|bias)", "proposal_generator.rpn_head.anchor_deltas.{p}", None),
+    (
+        rf"roi_head\.bbox_head\.shared_convs\.(?P<index>\d)\.{_CONV_MODULE}",
+        "roi_heads.box_head.conv{n}" + _D2_CONV,
+        None,
+    ),
+    (
+        r"roi_head\.bbox_head\.shared_fcs\.(?P<index>\d)\.(?P<p>weight|bias)",
+        "roi_heads.box_head.fc{n}.{p}",
+        None,
+    ),
+    (r"roi_head\.bbox_head\.fc_cls\.(?P<p>weight|bias)", "roi_heads.box_predictor.cls_score.{p}", None),
+    (r"roi_head\.bbox_head\.fc_reg\.(?P<p>weight|bias)", "roi_heads.box_predictor.bbox_pred.{p}", None),
+    (
+        rf"roi_head\.mask_head\.convs\.(?P<index>\d)\.{_CONV_MODULE}",
+        "roi_heads.mask_head.mask_fcn{n}" + _D2_CONV,
+        None,
+    ),
+    (r"roi_head\.mask_head\.upsample\.(?P<p>weight|bias)", "roi_heads.mask_head.deconv.{p}", None),
+    (r"roi_head\.mask_head\.conv_logits\.(?P<p>weight|bias)", "roi_heads.mask_head.predictor.{p}", None),
+    (r"data_preprocessor\..*", None, "pixel mean/std: set by MODEL.PIXEL_MEAN/PIXEL_STD in the config"),
+]
+
+
+def _template_fields(groups):
+    fields = {k: v for k, v in groups.items() if v is not None}
+    if "layer" in fields:
+        fields["stage"] = int(fields["layer"]) + 1  # torchvision layer1 is detectron2 res2
+    if "level_index" in fields:
+        fields["level"] = int(fields["level_index"]) + 2  # MMDetection's FPN index 0 is for C2/P2
+    if "index" in fields:
+        fields["n"] = int(fields["index"]) + 1  # detectron2 numbers head layers from 1
+    # a ConvModule's conv weight has no `param` group; its GroupNorm does
+    fields["conv_or_norm"] = f".norm.{fields['param']}" if "param" in fields else ".weight"
+    return fields
+
+
+def rename(state_dict, rules, prefix=""):
+    """Apply a rule table to the keys after ``prefix`` (e.g. DataParallel's ``module.``). Returns
+    ``(renamed {target: tensor}, origin {target: source key}, dropped {source key: why}, unmatched [source keys])``
+    with source keys as written in the file."""
+    compiled = [(re.compile(pattern), template, why) for pattern, template, why in rules]
+    renamed, origin, dropped, unmatched = {}, {}, {}, []
+    for key, value in state_dict.items():
+        for pattern, template, why in compiled:
+            match = pattern.fullmatch(key[len(prefix) :]) if key.startswith(prefix) else None
+            if match is None:
+                continue
+            if template is None:
+                dropped[key] = why
+            else:
+                target = template.format(**_template_fields(match.groupdict()))
+                if target in renamed:  # two source keys for one target: the table is wrong for this file
+                    unmatched.append(key)
+                else:
+                    renamed[target], origin[target] = value, key
+            break
+        else:
+            unmatched.append(key)
+    return renamed, origin, dropped, unmatched
+
+
+def unwrap_state_dict(checkpoint):
+    """The state_dict inside a loaded file: MMDetection keeps it under 'state_dict' (next to 'meta');
+    the authors' and torchvision's files are a bare state_dict."""
+    if isinstance(checkpoint.get("state_dict"), dict):
+        return checkpoint["state_dict"]
+    return checkpoint
+
+
+def common_prefix(state_dict, prefix="module."):
+    """``prefix`` if every key has it (DataParallel's ``module.``: the authors' files have it), else ''."""
+    return prefix if state_dict and all(key.startswith(prefix) for key in state_dict) else ""
+
+
+def detect_layout(state_dict):
+    """'mmdet', 'authors' or 'torchvision' for a state_dict; None if it is none of them."""
+    prefix = common_prefix(state_dict)
+    keys = [key[len(prefix) :] for key in state_dict]
+    if any(k.startswith("backbone.") for k in keys) and any(
+        k.startswith(("neck.", "rpn_head.", "roi_head.")) for k in keys
+    ):
+        return "mmdet"
+    if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        return "torchvision" if any(k.endswith("running_mean") for k in keys) else "authors"
+    return None
+
+
+_DEPTH_OF_BLOCKS = {
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+}
+
+
+def infer_resnet_architecture(state_dict, prefix=""):
+    """Depth, groups and width per group of a torchvision-style ResNet/ResNeXt state_dict.
+
+    Depth comes from the block counts of layer1-4, ResNeXt from layer1.0.conv2's shape
+    (out channels = groups x width per group, in channels per group = width per group).
+    Returns a dict, e.g. {'depth': 101, 'num_groups': 32, 'width_per_group': 4, 'name': 'X_101_32x4d'}.
+    """
+    blocks = [
+        {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}layer{i}\.(\d+)\.", k))}
+        for i in (1, 2, 3, 4)
+    ]
+    counts = tuple(max(b) + 1 if b else 0 for b in blocks)
+    kind = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in state_dict else "basic"
+    depth = _DEPTH_OF_BLOCKS.get((kind, counts))
+    if depth is None:
+        raise ValueError(f"blocks per stage {counts} ({kind}) match no ResNet depth")
+    num_groups, width_per_group = 1, 64
+    if kind == "bottleneck":
+        out_channels, in_per_group = tuple(state_dict[f"{prefix}layer1.0.conv2.weight"].shape[:2])
+        num_groups, width_per_group = out_channels // in_per_group, in_per_group
+    name = f"R_{depth}" if num_groups == 1 else f"X_{depth}_{num_groups}x{width_per_group}d"
+    return {"depth": depth, "num_groups": num_groups, "width_per_group": width_per_group, "name": name}
