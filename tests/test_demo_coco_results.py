@@ -1,0 +1,143 @@
+"""--json's COCO results: perfect predictions score AP 100 with pycocotools, worse ones less."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.structures import Boxes, Instances
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ws_d2.inference import assign_image_ids, category_ids_for, instances_to_coco_results
+
+# Data set category ids 3 and 7 (not contiguous, as in COCO) are the model's classes 0 and 1.
+METADATA_NAME = "ws_d2_test_coco_results"
+CATEGORY_IDS = {3: 0, 7: 1}
+
+
+def square(x, y, size):
+    return [x, y, x + size, y, x + size, y + size, x, y + size]
+
+
+def triangle(x, y, size):
+    return [x, y, x + size, y + size, x, y + size]
+
+
+@pytest.fixture(scope="module")
+def coco_ground_truth(tmp_path_factory):
+    objects = {  # image id -> [(category id, polygon)]
+        1: [(3, square(8, 8, 32)), (7, triangle(40, 30, 20))],
+        2: [(7, square(20, 4, 36)), (3, triangle(2, 30, 30)), (3, square(44, 44, 16))],
+    }
+    annotations = []
+    for image_id, items in objects.items():
+        for category_id, polygon in items:
+            xs, ys = polygon[0::2], polygon[1::2]
+            bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "segmentation": [polygon],
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": 0,
+                }
+            )
+    dataset = {
+        "images": [{"id": i, "file_name": f"img{i}.png", "height": 64, "width": 64} for i in objects],
+        "annotations": annotations,
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
+    }
+    path = tmp_path_factory.mktemp("coco") / "instances.json"
+    path.write_text(json.dumps(dataset))
+    if METADATA_NAME not in MetadataCatalog.list():
+        MetadataCatalog.get(METADATA_NAME).set(
+            thing_classes=["cat", "dog"], thing_dataset_id_to_contiguous_id=CATEGORY_IDS
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path)), path
+
+
+def predictions_from_ground_truth(coco, image_id, shift=0.0):
+    """Instances equal to the ground truth of one image (boxes and masks moved right by `shift` px)."""
+    annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+    instances = Instances((64, 64))
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32)
+    boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+    boxes[:, 0::2] += shift
+    instances.pred_boxes = Boxes(boxes)
+    instances.scores = torch.linspace(0.9, 0.8, len(annotations))
+    instances.pred_classes = torch.tensor([CATEGORY_IDS[a["category_id"]] for a in annotations])
+    masks = np.stack([coco.annToMask(a) for a in annotations])
+    instances.pred_masks = torch.from_numpy(np.roll(masks, int(shift), axis=2)).bool()
+    return instances
+
+
+def average_precision(coco, results, iou_type):
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = coco.loadRes(json.loads(json.dumps(results)))  # through JSON, as the file is
+        evaluation = COCOeval(coco, detections, iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return 100 * evaluation.stats[0]
+
+
+def results_for(coco, category_ids, shift=0.0):
+    results = []
+    for image_id in coco.getImgIds():
+        instances = predictions_from_ground_truth(coco, image_id, shift)
+        results += instances_to_coco_results(instances, image_id, category_ids)
+    return results
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_perfect_predictions_score_100_and_shifted_less(coco_ground_truth, iou_type):
+    coco, _ = coco_ground_truth
+    category_ids = category_ids_for(MetadataCatalog.get(METADATA_NAME))
+    perfect = results_for(coco, category_ids)
+    assert {r["category_id"] for r in perfect} == {3, 7}
+    assert all(isinstance(r["segmentation"]["counts"], str) for r in perfect)
+    assert average_precision(coco, perfect, iou_type) == pytest.approx(100.0)
+
+    shifted_ap = average_precision(coco, results_for(coco, category_ids, shift=6), iou_type)
+    assert 0 < shifted_ap < 90
+
+
+def test_category_ids_need_the_metadata_mapping(coco_ground_truth):
+    coco, _ = coco_ground_truth
+    unmapped = results_for(coco, category_ids=None)  # the model's 0/1, which are not the data set's ids
+    assert {r["category_id"] for r in unmapped} == {0, 1}
+    assert average_precision(coco, unmapped, "bbox") == 0
+
+
+def test_boxes_are_xywh(coco_ground_truth):
+    coco, _ = coco_ground_truth
+    result = results_for(coco, CATEGORY_IDS)[0]
+    assert result["bbox"] == pytest.approx(coco.loadAnns(coco.getAnnIds(imgIds=[1]))[0]["bbox"])
+
+
+def test_image_ids(coco_ground_truth):
+    _, annotation_file = coco_ground_truth
+    assert assign_image_ids(["a/000000000139.jpg", "b/42.png"]) == {"a/000000000139.jpg": 139, "b/42.png": 42}
+    assert assign_image_ids(["x/cat.jpg", "x/7.jpg"]) == {"x/cat.jpg": 1, "x/7.jpg": 2}
+    assert assign_image_ids(["d/img2.png"], str(annotation_file)) == {"d/img2.png": 2}
+    with pytest.raises(ValueError, match="lists no image named img9.png"):
+        assign_image_ids(["d/img2.png", "d/img9.png"], str(annotation_file))
+
+
+def test_category_ids_from_metadata_or_annotation_file(coco_ground_truth):
+    _, annotation_file = coco_ground_truth
+    assert category_ids_for(MetadataCatalog.get(METADATA_NAME)) == CATEGORY_IDS
+    # Names only (a set registered before detectron2 loaded it): the annotation file decides, in
+    # detectron2's order, so the results score against that file.
+    names_only = MetadataCatalog.get("ws_d2_test_names_only")
+    names_only.thing_classes = ["cat", "dog"]
+    assert category_ids_for(names_only, str(annotation_file)) == CATEGORY_IDS
+    assert category_ids_for(names_only) is None
