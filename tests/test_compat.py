@@ -23,7 +23,9 @@ def test_fixes_are_feature_checked():
 def test_transforms_import_and_default_interp():  # fix_pillow_linear
     from detectron2.data.transforms import ExtentTransform
 
-    out = ExtentTransform(src_rect=(0, 0, 8, 8), output_size=(4, 4)).apply_image(np.zeros((8, 8, 3), np.uint8))
+    out = ExtentTransform(src_rect=(0, 0, 8, 8), output_size=(4, 4)).apply_image(
+        np.zeros((8, 8, 3), np.uint8)
+    )
     assert out.shape == (4, 4, 3)
 
 

@@ -33,7 +33,9 @@ def run_step(name, cmd, **kwargs):
     print(f"[setup] {name}", flush=True)
     result = subprocess.run(cmd, **kwargs)
     if result.returncode != 0:
-        raise SetupStepFailed(f"set-up step '{name}' failed (exit {result.returncode}): {' '.join(map(str, cmd))}")
+        raise SetupStepFailed(
+            f"set-up step '{name}' failed (exit {result.returncode}): {' '.join(map(str, cmd))}"
+        )
 
 
 def read_requirements():
@@ -46,7 +48,7 @@ def read_requirements():
 
 
 def pick(reqs, name):
-    return next(r for r in reqs if re.split(r"[=<>!~ ]", r, 1)[0].lower() == name)
+    return next(r for r in reqs if re.split(r"[=<>!~ ]", r, maxsplit=1)[0].lower() == name)
 
 
 def python_can(python, code):
@@ -72,8 +74,20 @@ def install_detectron2(python, requirement):
         # torch is already in the interpreter; the sdist's setup.py imports it to compute metadata.
         run_step(
             f"download {requirement}",
-            [python, "-m", "pip", "download", "-q", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
-             "-d", str(tmp), requirement],
+            [
+                python,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(tmp),
+                requirement,
+            ],
         )
         (sdist,) = list(tmp.glob("*.tar.gz"))
         with tarfile.open(sdist) as tar:
@@ -118,7 +132,14 @@ def main():
             install_detectron2(python, d2_req)
         run_step("install requirements", pip + rest)
         run_step("install ws_d2", pip + ["--no-deps", "--no-build-isolation", "-e", str(REPO)])
-        run_step("check imports", [python, "-c", "import ws_d2, cv2, pycocotools, fvcore; from detectron2.modeling import build_model"])
+        run_step(
+            "check imports",
+            [
+                python,
+                "-c",
+                "import ws_d2, cv2, pycocotools, fvcore; from detectron2.modeling import build_model",
+            ],
+        )
     except SetupStepFailed as e:
         print(f"[setup] ERROR: {e}", file=sys.stderr)
         return 1

@@ -8,9 +8,10 @@ from . import compat
 
 compat.apply_all()
 
-from . import modeling  # noqa: E402  (registration needs the fixes above)
+# registration needs the fixes above; `data` registers the synthetic data set's names and metadata
+from . import data, modeling  # noqa: E402
 from .config import add_ws_config, get_ws_cfg  # noqa: E402
 from .layers import WSConv2d, standardize_weight  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["WSConv2d", "add_ws_config", "get_ws_cfg", "modeling", "standardize_weight"]
+__all__ = ["WSConv2d", "add_ws_config", "data", "get_ws_cfg", "modeling", "standardize_weight"]

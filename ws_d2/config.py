@@ -13,6 +13,9 @@ def add_ws_config(cfg):
     cfg.MODEL.WS.ENABLED = True
     # Added to the unbiased std outside the square root, as in the published checkpoints.
     cfg.MODEL.WS.EPS = 1e-5
+    # Micro-batch accumulation: IMS_PER_BATCH stays the images per optimizer step; each step runs
+    # ITER_SIZE forward/backward passes of IMS_PER_BATCH / (world size x ITER_SIZE) images.
+    cfg.SOLVER.ITER_SIZE = 1
     return cfg
 
 

@@ -21,7 +21,7 @@ def convert_to_ws(module: torch.nn.Module, eps: float = 1e-5) -> torch.nn.Module
     for name, child in module.named_children():
         converted = convert_to_ws(child, eps)
         if converted is not child:
-            setattr(module, name, converted)
+            _replace_child(module, name, child, converted)
     return module
 
 
@@ -36,12 +36,21 @@ def fold_ws(module: torch.nn.Module) -> torch.nn.Module:
     for name, child in module.named_children():
         folded = fold_ws(child)
         if folded is not child:
-            setattr(module, name, folded)
+            _replace_child(module, name, child, folded)
     return module
 
 
 def count_ws_convs(module: torch.nn.Module) -> int:
     return sum(isinstance(m, WSConv2d) for m in module.modules())
+
+
+def _replace_child(parent, name, old, new):
+    setattr(parent, name, new)
+    # detectron2's FPN also keeps its lateral and output convs in plain Python lists (not ModuleLists)
+    # that its forward iterates: those must reach the new module too, or it is never called.
+    for value in vars(parent).values():
+        if isinstance(value, list):
+            value[:] = [new if item is old else item for item in value]
 
 
 def _needs_ws(module):

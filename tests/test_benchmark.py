@@ -1,0 +1,59 @@
+"""Smoke test of ws_d2.benchmark on a tiny R-18 model: one round, JSON-ready result, positive ratios."""
+
+import json
+
+import pytest
+
+from ws_d2.benchmark import BenchmarkError, BenchmarkSettings, measure_peak_memory, run_benchmark
+
+TINY = [
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "20",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "20",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "8",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "3",
+]
+
+
+def tiny_settings(repo_root, **overrides):
+    config = repo_root / "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"
+    fields = dict(
+        config_file=str(config), sizes=[64], batches=[1], rounds=1, warmup=0, device="cpu", opts=TINY
+    )
+    return BenchmarkSettings(**{**fields, **overrides})
+
+
+def test_one_round_gives_all_rows_with_positive_ratios(repo_root):
+    result = run_benchmark(tiny_settings(repo_root, measure_memory=False), log=lambda line: None)
+    json.dumps(result)  # what tools/benchmark.py --output writes
+    assert result["ws_convs"] == 20 + 16
+    metrics = [row["metric"] for row in result["rows"]]
+    assert metrics == ["train_time", "inference_time", "folded_inference_time"]
+    for row in result["rows"]:
+        assert row["ratio"] > 0 and row["gn"] > 0 and row["goal"] is not None
+        assert isinstance(row["pass"], bool)
+
+
+def test_peak_memory_sample_runs_in_a_fresh_process(repo_root, tmp_path):
+    import torch
+
+    from ws_d2.benchmark import build_twin_models, load_config
+
+    settings = tiny_settings(repo_root)
+    ws_model, _ = build_twin_models(load_config(settings))
+    weights = tmp_path / "weights.pth"
+    torch.save(ws_model.state_dict(), weights)
+    mib = measure_peak_memory(settings, "ws", "inference", 64, 1, str(weights))
+    assert 1 < mib < 4096
+
+
+def test_missing_config_is_a_named_error(tmp_path):
+    with pytest.raises(BenchmarkError, match="not found"):
+        run_benchmark(BenchmarkSettings(config_file=str(tmp_path / "nope.yaml")), log=lambda line: None)

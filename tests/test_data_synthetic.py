@@ -1,0 +1,71 @@
+"""The synthetic shapes set: deterministic, valid COCO instance annotations, registered with its classes."""
+
+import json
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from pycocotools import mask as mask_utils
+
+from ws_d2.config import get_ws_cfg
+from ws_d2.data import (
+    SYNTHETIC_CLASSES,
+    DatasetError,
+    check_datasets,
+    generate_synthetic_dataset,
+    register_coco_dataset,
+)
+
+SPLITS = {"train": 6, "val": 3}
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+    first = generate_synthetic_dataset(tmp_path / "a", SPLITS, image_size=64)
+    second = generate_synthetic_dataset(tmp_path / "b", SPLITS, image_size=64)
+    other = generate_synthetic_dataset(tmp_path / "c", SPLITS, image_size=64, seed=1)
+    for split in SPLITS:
+        json_a, json_b = first[split][0], second[split][0]
+        assert json.loads(open(json_a).read()) == json.loads(open(json_b).read())
+        for name in sorted(p.name for p in (tmp_path / "a" / split).iterdir()):
+            assert (tmp_path / "a" / split / name).read_bytes() == (
+                tmp_path / "b" / split / name
+            ).read_bytes()
+    assert open(first["train"][0]).read() != open(other["train"][0]).read()
+    # train and val never share an image
+    assert (tmp_path / "a/train/000001.png").read_bytes() != (tmp_path / "a/val/000001.png").read_bytes()
+
+
+def test_annotations_are_valid_instances(tmp_path):
+    json_file, _ = generate_synthetic_dataset(tmp_path, {"train": 20}, image_size=96)["train"]
+    content = json.loads(open(json_file).read())
+    assert [c["name"] for c in content["categories"]] == SYNTHETIC_CLASSES
+    assert {a["category_id"] for a in content["annotations"]} == {1, 2, 3}
+    for annotation in content["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 96.01 and y + h <= 96.01 and w > 5 and h > 5
+        rle = mask_utils.frPyObjects(annotation["segmentation"], 96, 96)
+        pixels = mask_utils.area(mask_utils.merge(rle))
+        assert abs(pixels - annotation["area"]) <= 0.15 * annotation["area"] + 10  # polygon matches its mask
+    # the shapes vary in size
+    assert np.std([a["bbox"][2] for a in content["annotations"]]) > 2
+
+
+def test_names_registered_on_import_with_classes():
+    for name in ("ws_d2_synthetic_train", "ws_d2_synthetic_val"):
+        assert name in DatasetCatalog.list()
+        assert MetadataCatalog.get(name).thing_classes == SYNTHETIC_CLASSES
+
+
+def test_checks_name_the_problem(tmp_path):
+    cfg = get_ws_cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("not_registered",), ()
+    with pytest.raises(DatasetError, match="'not_registered' is not registered"):
+        check_datasets(cfg)
+    json_file, image_dir = generate_synthetic_dataset(tmp_path, {"val": 2}, image_size=64)["val"]
+    register_coco_dataset("checked_val", json_file, image_dir)
+    cfg.DATASETS.TRAIN = ("checked_val",)
+    with pytest.raises(DatasetError, match="has 3 categories but MODEL.ROI_HEADS.NUM_CLASSES is 80"):
+        check_datasets(cfg)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="is not a JSON file"):
+        register_coco_dataset("broken", str(tmp_path / "broken.json"), image_dir)

@@ -1,0 +1,278 @@
+"""The WS math of ws_d2.layers: formula, gradient, groups, zero variance, eval cache, autocast."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ws_d2.layers import WSConv2d, standardize_weight
+
+EPS = 1e-5
+
+
+def reference_ws(weight, eps=EPS, unbiased=True, eps_inside_sqrt=False):
+    """The plain formula, in float64 autograd ops. Defaults: the published form."""
+    flat = weight.double().reshape(weight.shape[0], -1)
+    centered = flat - flat.mean(dim=1, keepdim=True)
+    var = centered.pow(2).sum(dim=1, keepdim=True) / (flat.shape[1] - (1 if unbiased else 0))
+    denom = (var + eps).sqrt() if eps_inside_sqrt else var.sqrt() + eps
+    return (centered / denom).view_as(weight)
+
+
+def small_std_weight(*shape, std=1e-3, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=dtype) * std + 0.01).to(dtype)
+
+
+def test_formula_is_unbiased_std_plus_eps():
+    weight = small_std_weight(8, 4, 3, 3)
+    expected = reference_ws(weight)
+    torch.testing.assert_close(standardize_weight(weight, EPS), expected, rtol=1e-10, atol=1e-10)
+    # float32 weights: same formula, float32 accuracy.
+    torch.testing.assert_close(
+        standardize_weight(weight.float(), EPS), expected.float(), rtol=1e-4, atol=1e-4
+    )
+    # Per channel: zero mean, unbiased std = std / (std + eps).
+    flat = standardize_weight(weight, EPS).reshape(8, -1)
+    torch.testing.assert_close(flat.mean(dim=1), torch.zeros(8, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_formula_variants_are_distinguishable():
+    """The test above would fail for the biased (paper Eq. 2 / timm) or eps-inside (ConvAWS) forms."""
+    weight = small_std_weight(8, 4, 3, 3)
+    published = reference_ws(weight)
+    for variant in (reference_ws(weight, unbiased=False), reference_ws(weight, eps_inside_sqrt=True)):
+        assert (variant - published).abs().max() > 1e-3
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(standardize_weight(weight, EPS), reference_ws(weight, unbiased=False))
+
+
+def test_gradcheck_float64():
+    weight = small_std_weight(6, 3, 3, 3, std=0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: standardize_weight(w, EPS), (weight,))
+
+
+def test_gradient_matches_autograd_of_plain_formula():
+    weight = small_std_weight(16, 8, 3, 3, std=0.05).requires_grad_()
+    grad_out = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(standardize_weight(weight, EPS), weight, grad_out)
+    (expected,) = torch.autograd.grad(reference_ws(weight), weight, grad_out)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_training_conv_gradcheck_float64():
+    """The fused training path (WS inside the conv's autograd): input, weight and bias gradients."""
+    torch.manual_seed(0)
+    conv = WSConv2d(4, 6, kernel_size=3, stride=2, padding=2, dilation=2, groups=2, bias=True).double()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+
+    def run(x, weight, bias):
+        return torch.func.functional_call(conv, {"weight": weight, "bias": bias}, (x,))
+
+    weight = conv.weight.detach().clone().requires_grad_()
+    bias = conv.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(run, (x, weight, bias))
+
+
+def test_training_keeps_no_standardized_copy_for_backward():
+    """Only the raw weight is kept from forward to backward: WS adds no weight-sized saved tensor."""
+    conv = WSConv2d(16, 32, kernel_size=3, padding=1, bias=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        conv(torch.randn(1, 16, 4, 4)).sum()
+    weight_sized = [t for t in saved if t.shape == conv.weight.shape]
+    assert weight_sized and all(t.data_ptr() == conv.weight.data_ptr() for t in weight_sized)
+
+
+def test_grouped_conv_resnext():
+    torch.manual_seed(0)
+    conv = WSConv2d(128, 128, kernel_size=3, padding=1, groups=32, bias=False).double()
+    assert conv.weight.shape == (128, 4, 3, 3)
+    x = torch.randn(2, 128, 6, 6, dtype=torch.float64)
+    out = conv(x)
+    weight = conv.weight.detach().clone().requires_grad_()
+    expected = F.conv2d(x, reference_ws(weight), padding=1, groups=32)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    grad_out = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, conv.weight, grad_out)
+    (ref,) = torch.autograd.grad(expected, weight, grad_out)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_variance_filter_gives_finite_output_and_gradients():
+    torch.manual_seed(0)
+    conv = WSConv2d(4, 6, kernel_size=3, padding=1, norm=torch.nn.GroupNorm(2, 6))
+    with torch.no_grad():
+        conv.weight[2].fill_(0.25)  # a constant filter: std exactly 0
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = conv(x)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(x.grad).all()
+    assert torch.count_nonzero(standardize_weight(conv.weight.detach(), EPS)[2]) == 0
+    # The other filters' gradients are the plain formula's (autograd of it is NaN on filter 2).
+    weight = conv.weight.detach().clone().requires_grad_()
+    expected = F.group_norm(F.conv2d(x.detach(), reference_ws(weight).float(), conv.bias, padding=1), 2)
+    expected.square().sum().backward()
+    keep = torch.arange(6) != 2
+    torch.testing.assert_close(conv.weight.grad[keep], weight.grad[keep], rtol=1e-3, atol=1e-4)
+
+
+# --- eval cache -------------------------------------------------------------------------------------
+
+
+def make_conv():
+    torch.manual_seed(0)
+    return WSConv2d(8, 16, kernel_size=3, padding=1, bias=True)
+
+
+def cached(conv):
+    conv.eval()
+    with torch.no_grad():
+        return conv.standardized_weight()
+
+
+def assert_fresh(conv, old):
+    new = cached(conv)
+    assert new is not old
+    torch.testing.assert_close(new, reference_ws(conv.weight.detach()).to(conv.weight.dtype))
+    return new
+
+
+def test_cache_is_reused_in_eval_and_for_frozen_weights():
+    conv = make_conv()
+    first = cached(conv)
+    assert cached(conv) is first
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, first, conv.bias, padding=1))
+    # A frozen stage in training: grad mode on, but the weight needs no gradient.
+    conv.train()
+    conv.weight.requires_grad_(False)
+    assert conv.standardized_weight() is conv.standardized_weight()
+    # A trainable weight in grad mode is standardized on every call (it gets a gradient).
+    conv.weight.requires_grad_(True)
+    assert conv.standardized_weight() is not conv.standardized_weight()
+
+
+def test_cache_invalidated_by_optimizer_step():
+    conv = make_conv()
+    old = cached(conv)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
+    conv.train()
+    conv(torch.randn(2, 8, 5, 5)).sum().backward()
+    optimizer.step()
+    assert_fresh(conv, old)
+
+
+def test_cache_invalidated_by_inplace_copy():
+    conv = make_conv()
+    old = cached(conv)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn_like(conv.weight))
+    assert_fresh(conv, old)
+
+
+def test_cache_invalidated_by_load_state_dict():
+    conv = make_conv()
+    other = make_conv()
+    with torch.no_grad():
+        other.weight.mul_(3).add_(1)
+    old = cached(conv)
+    conv.load_state_dict(other.state_dict())
+    assert_fresh(conv, old)
+
+
+def test_cache_invalidated_by_dtype_and_device_moves():
+    conv = make_conv()
+    old = cached(conv)
+    conv.double()
+    new = assert_fresh(conv, old)
+    assert new.dtype == torch.float64
+    conv.float()
+    newer = assert_fresh(conv, new)
+    assert newer.dtype == torch.float32
+    # .to(device) and .cuda() go through Module._apply; so does any parameter conversion.
+    conv._apply(lambda t: t.clone())
+    assert_fresh(conv, newer)
+
+
+def test_cache_invalidated_by_new_parameter_or_data():
+    conv = make_conv()
+    old = cached(conv)
+    conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))
+    new = assert_fresh(conv, old)
+    conv.weight.data = torch.randn_like(conv.weight)
+    assert_fresh(conv, new)
+
+
+def test_cache_survives_deepcopy_correctly():
+    conv = make_conv()
+    old = cached(conv)
+    clone = copy.deepcopy(conv)
+    with torch.no_grad():
+        clone.weight.add_(1.0)
+    assert_fresh(clone, old)
+    assert cached(conv) is old
+
+
+def test_cache_filled_in_inference_mode_serves_a_frozen_training_forward():
+    conv = make_conv()
+    conv.eval()
+    with torch.inference_mode():
+        conv(torch.randn(1, 8, 5, 5))
+    conv.train()
+    conv.weight.requires_grad_(False)
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    conv(x).sum().backward()  # saves the cached weight for backward: must not be an inference tensor
+    assert torch.isfinite(x.grad).all()
+
+
+# --- autocast ----------------------------------------------------------------------------------------
+
+
+def large_mean_weight():
+    """Mean 100, std 0.01: bfloat16 (8 bits of mantissa, spacing 0.5 at 100) cannot hold the spread."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(8, 4, 3, 3, generator=generator) * 0.01 + 100.0
+
+
+def test_autocast_bf16_standardizes_in_fp32_before_the_cast():
+    conv = WSConv2d(4, 8, kernel_size=3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(large_mean_weight())
+    x = torch.randn(2, 4, 6, 6)
+    expected = F.conv2d(x.double(), reference_ws(conv.weight.detach()), padding=1)
+    scale = expected.abs().max()
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        assert out.dtype == torch.bfloat16
+        assert (out.double() - expected).abs().max() < 0.03 * scale
+    # What the test guards against: standardizing the bfloat16-cast weight is far off.
+    wrong = F.conv2d(x.double(), reference_ws(conv.weight.detach().bfloat16()).nan_to_num(), padding=1)
+    assert (wrong - expected).abs().max() > 0.3 * scale
+
+
+def test_autocast_bf16_backward_is_finite_and_close():
+    conv = WSConv2d(4, 8, kernel_size=3, padding=1, bias=False)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x).float().sum().backward()
+    grad_bf16 = conv.weight.grad.clone()
+    conv.weight.grad = None
+    conv(x).sum().backward()
+    assert torch.isfinite(grad_bf16).all()
+    torch.testing.assert_close(
+        grad_bf16, conv.weight.grad, rtol=0.05, atol=0.05 * conv.weight.grad.abs().max()
+    )
+
+
+def test_bf16_weights_get_fp32_statistics():
+    weight = large_mean_weight().bfloat16()
+    out = standardize_weight(weight, EPS)
+    assert out.dtype == torch.bfloat16
+    expected = reference_ws(weight)
+    torch.testing.assert_close(out.double(), expected, rtol=0.02, atol=0.02)

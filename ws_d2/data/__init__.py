@@ -1,0 +1,27 @@
+"""Data sets for ws_d2: checked COCO-format registration and the built-in synthetic shapes set.
+
+Importing this package registers the synthetic set's names (`ws_d2_synthetic_train`, `ws_d2_synthetic_val`)
+with their metadata; the files themselves are made by `generate_synthetic_dataset`.
+"""
+
+from .coco import DatasetError, check_datasets, register_coco_dataset
+from .synthetic import (
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_SPLITS,
+    default_synthetic_root,
+    generate_synthetic_dataset,
+    register_synthetic_dataset,
+)
+
+register_synthetic_dataset()
+
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_SPLITS",
+    "DatasetError",
+    "check_datasets",
+    "default_synthetic_root",
+    "generate_synthetic_dataset",
+    "register_coco_dataset",
+    "register_synthetic_dataset",
+]

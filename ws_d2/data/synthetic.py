@@ -1,0 +1,152 @@
+"""A small deterministic COCO-format instance-segmentation set: shapes with polygon masks on varied backgrounds.
+
+Made in seconds from a seed, so the quickstart and the tests need no download. The names
+`ws_d2_synthetic_train` and `ws_d2_synthetic_val` are registered on `import ws_d2`, with their class names,
+and point at `$WS_D2_DATASETS/ws_d2_synthetic` (default `datasets/ws_d2_synthetic`, relative to the working
+directory, like detectron2's DETECTRON2_DATASETS).
+"""
+
+import json
+import math
+import os
+
+import cv2
+import numpy as np
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_SPLITS",
+    "default_synthetic_root",
+    "generate_synthetic_dataset",
+    "register_synthetic_dataset",
+]
+
+SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
+# split -> (number of images, seed offset); the val images never repeat a train image
+SYNTHETIC_SPLITS = {"train": (400, 0), "val": (50, 1_000_003)}
+MISSING_HINT = "generate it with `make quickstart` or ws_d2.data.generate_synthetic_dataset()"
+
+
+def default_synthetic_root():
+    return os.path.join(os.environ.get("WS_D2_DATASETS", "datasets"), "ws_d2_synthetic")
+
+
+def _annotation_file(root, split):
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def _background(rng, size):
+    kind = rng.integers(3)
+    if kind == 0:  # linear gradient between two colors, any direction
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
+        t = (xs * math.cos(angle) + ys * math.sin(angle)) / math.sqrt(2) + 0.5
+        c0, c1 = rng.uniform(0, 255, (2, 3))
+        image = c0 + np.clip(t, 0, 1)[..., None] * (c1 - c0)
+    elif kind == 1:  # flat color
+        image = np.broadcast_to(rng.uniform(0, 255, 3), (size, size, 3)).astype(np.float64)
+    else:  # smooth color blotches
+        coarse = rng.uniform(0, 255, (4, 4, 3))
+        image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    image = image + rng.normal(0, rng.uniform(2, 12), image.shape)
+    return np.clip(image, 0, 255)
+
+
+def _shape_polygon(category, center, radius, angle):
+    corners = {"circle": 32, "square": 4, "triangle": 3}[SYNTHETIC_CLASSES[category]]
+    theta = angle + np.arange(corners) * 2 * math.pi / corners
+    return np.stack([center[0] + radius * np.cos(theta), center[1] + radius * np.sin(theta)], axis=1)
+
+
+def _draw_image(rng, size, max_objects):
+    image = _background(rng, size)
+    shapes = []  # (category, polygon), drawn without overlap so each mask is the whole shape
+    for _ in range(rng.integers(1, max_objects + 1)):
+        for _attempt in range(20):
+            radius = rng.uniform(0.08, 0.25) * size
+            center = rng.uniform(radius, size - radius, 2)
+            if all(np.hypot(*(center - c)) > radius + r + 2 for c, r, _ in shapes):
+                break
+        else:
+            continue
+        category = int(rng.integers(len(SYNTHETIC_CLASSES)))
+        polygon = _shape_polygon(category, center, radius, rng.uniform(0, 2 * math.pi))
+        # a color that stands out from the background under the shape
+        under = image[int(center[1]), int(center[0])]
+        color = rng.uniform(0, 255, 3)
+        while np.abs(color - under).sum() < 150:
+            color = rng.uniform(0, 255, 3)
+        cv2.fillPoly(image, [np.round(polygon * 16).astype(np.int32)], color.tolist(), cv2.LINE_AA, shift=4)
+        shapes.append((center, radius, (category, polygon)))
+    return image.astype(np.uint8), [shape for _, _, shape in shapes]
+
+
+def _coco_annotation(polygon, category, image_id, annotation_id):
+    xs, ys = polygon[:, 0], polygon[:, 1]
+    area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category + 1,
+        "segmentation": [np.round(polygon, 2).reshape(-1).tolist()],
+        "area": round(float(area), 2),
+        "bbox": [round(float(v), 2) for v in (xs.min(), ys.min(), np.ptp(xs), np.ptp(ys))],
+        "iscrowd": 0,
+    }
+
+
+def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objects=4, seed=0):
+    """Write the shapes set (PNG images + COCO JSON per split) under `root`; same arguments, same files.
+
+    `splits` maps split name -> number of images (default: SYNTHETIC_SPLITS). A split whose JSON already
+    records the same arguments is kept as is. Returns {split: (json_file, image_dir)}.
+    """
+    root = root or default_synthetic_root()
+    splits = splits or {name: count for name, (count, _) in SYNTHETIC_SPLITS.items()}
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SYNTHETIC_CLASSES)
+    ]
+    written = {}
+    for split, count in splits.items():
+        json_file, image_dir = _annotation_file(root, split), os.path.join(root, split)
+        written[split] = (json_file, image_dir)
+        offset = SYNTHETIC_SPLITS.get(split, (0, hash(split) % 1_000_000))[1]
+        info = {"description": "ws_d2 synthetic shapes", "images": count, "image_size": image_size,
+                "max_objects": max_objects, "seed": seed + offset}  # fmt: skip
+        if os.path.isfile(json_file):
+            with open(json_file) as f:
+                if json.load(f).get("info") == info:
+                    continue
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(json_file), exist_ok=True)
+        rng = np.random.default_rng(seed + offset)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            image, shapes = _draw_image(rng, image_size, max_objects)
+            file_name = f"{image_id:06d}.png"
+            cv2.imwrite(os.path.join(image_dir, file_name), image[:, :, ::-1])  # RGB -> BGR for OpenCV
+            images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+            for category, polygon in shapes:
+                annotations.append(_coco_annotation(polygon, category, image_id, len(annotations) + 1))
+        content = {"info": info, "images": images, "annotations": annotations, "categories": categories}
+        with open(json_file + ".tmp", "w") as f:
+            json.dump(content, f)
+        os.replace(json_file + ".tmp", json_file)  # the JSON marks a complete split
+    return written
+
+
+def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple(SYNTHETIC_SPLITS)):
+    """Register `{prefix}_{split}` for each split, with class names, whether or not the files exist yet."""
+    root = root or default_synthetic_root()
+    for split in splits:
+        name = f"{prefix}_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            from detectron2.data import MetadataCatalog
+
+            MetadataCatalog.remove(name)
+        metadata = {"thing_classes": list(SYNTHETIC_CLASSES), "missing_hint": MISSING_HINT}
+        register_coco_instances(name, metadata, _annotation_file(root, split), os.path.join(root, split))
+    return [f"{prefix}_{split}" for split in splits]

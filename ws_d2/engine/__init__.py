@@ -1,0 +1,16 @@
+"""Training and evaluation for ws_d2: detectron2's DefaultTrainer with micro-batches, CPU/Gloo and torchrun
+launching, COCO evaluation and safe, atomic checkpoints."""
+
+from .launch import launch, launched_by_torchrun
+from .micro_batch import ConfigError, MicroBatchTrainer, micro_batch_size
+from .trainer import WSTrainer, check_amp
+
+__all__ = [
+    "ConfigError",
+    "MicroBatchTrainer",
+    "WSTrainer",
+    "check_amp",
+    "launch",
+    "launched_by_torchrun",
+    "micro_batch_size",
+]

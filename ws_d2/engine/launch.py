@@ -1,0 +1,106 @@
+"""Start training as one process, N processes on one or several machines, or under torchrun.
+
+- CUDA: detectron2's own `launch` (one process per GPU, NCCL).
+- CPU: `num_procs_per_machine` processes on the Gloo backend; detectron2 v0.6's launcher asserts CUDA.
+- torchrun / SLURM / Kubernetes / elastic: when the env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT) are set, this process is one worker already: it joins the group from them and runs `main_func`.
+In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual.
+"""
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as detectron2_launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+
+__all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun"]
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun():
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def _set_local_process_group(world_size, procs_per_machine, machine_rank):
+    # detectron2's comm.get_local_rank/size read the group of this machine's ranks, which its own
+    # launcher creates; every rank must create every group, in the same order.
+    for machine in range(world_size // procs_per_machine):
+        group = dist.new_group(list(range(machine * procs_per_machine, (machine + 1) * procs_per_machine)))
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def _backend(use_cuda):
+    return "nccl" if use_cuda else "gloo"
+
+
+def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
+    rank = machine_rank * procs_per_machine + local_rank
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
+    _set_local_process_group(world_size, procs_per_machine, machine_rank)
+    comm.synchronize()
+    main_func(*args)
+    dist.destroy_process_group()
+
+
+def _run_torchrun_worker(main_func, args, use_cuda, timeout):
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    procs_per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % procs_per_machine:
+        raise RuntimeError(
+            f"WORLD_SIZE {world_size} is not a multiple of LOCAL_WORLD_SIZE {procs_per_machine}"
+        )
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(_backend(use_cuda), init_method="env://", timeout=timeout)
+    _set_local_process_group(world_size, procs_per_machine, dist.get_rank() // procs_per_machine)
+    comm.synchronize()
+    main_func(*args)
+    dist.destroy_process_group()
+
+
+def launch(
+    main_func,
+    num_procs_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    use_cuda=None,
+    timeout=DEFAULT_TIMEOUT,
+):
+    """Run `main_func(*args)` in every process of the job.
+
+    `use_cuda` (default: whether CUDA is available) selects one process per GPU on NCCL, or CPU processes
+    on Gloo. Under torchrun the process counts come from its environment and the arguments are ignored.
+    `dist_url` "auto" picks a free local port (single machine only).
+    """
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if launched_by_torchrun():
+        return _run_torchrun_worker(main_func, args, use_cuda, timeout)
+    world_size = num_machines * num_procs_per_machine
+    if world_size <= 1:
+        return main_func(*args)
+    if use_cuda:
+        return detectron2_launch(
+            main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
+        )
+    if dist_url is None or dist_url == "auto":
+        if num_machines > 1:
+            raise ValueError("several machines need an explicit dist_url reachable by all of them")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    logging.getLogger(__name__).info(f"Starting {world_size} CPU processes on Gloo at {dist_url}")
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_procs_per_machine,
+        args=(main_func, world_size, num_procs_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )

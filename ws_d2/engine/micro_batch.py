@@ -1,0 +1,92 @@
+"""Micro-batch training: one optimizer step accumulates the gradients of SOLVER.ITER_SIZE forward/backward passes.
+
+detectron2 has no gradient accumulation (issues #1117, #1147). Here SOLVER.IMS_PER_BATCH keeps its meaning,
+the images per optimizer step, so the LR schedule, checkpoints, logs and MAX_ITER all count optimizer steps and a
+16-image recipe trains unchanged on one device with ITER_SIZE 8 (2 images per pass).
+"""
+
+import contextlib
+import time
+
+import torch
+from detectron2.engine import SimpleTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["ConfigError", "MicroBatchTrainer", "micro_batch_size"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as given (unknown key, batch that does not divide, ...)."""
+
+
+def micro_batch_size(cfg, world_size):
+    """Images per process per forward/backward pass: IMS_PER_BATCH / (world size x ITER_SIZE), exactly."""
+    total, iter_size = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ITER_SIZE
+    if iter_size < 1:
+        raise ConfigError(f"SOLVER.ITER_SIZE must be >= 1, got {iter_size}")
+    if total % (world_size * iter_size):
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {total} does not divide into {world_size} process(es) x SOLVER.ITER_SIZE "
+            f"{iter_size} micro-batches"
+        )
+    return total // (world_size * iter_size)
+
+
+class MicroBatchTrainer(SimpleTrainer):
+    """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size.
+
+    The accumulated gradient is the mean of the micro-batch gradients. That equals the one-big-batch gradient
+    exactly when each micro-batch's loss normalizer is proportional to its number of images (RPN losses, and
+    box losses when every image contributes the same number of sampled RoIs); see the README.
+    Under DDP the gradient all-reduce runs once per step, on the last micro-batch (`no_sync` before it).
+    With a `grad_scaler` the passes run under CUDA autocast (mixed precision), like detectron2's AMPTrainer.
+    """
+
+    def __init__(self, model, data_loader, optimizer, iter_size=1, grad_scaler=None):
+        super().__init__(model, data_loader, optimizer)
+        self.iter_size = iter_size
+        self.grad_scaler = grad_scaler
+
+    def _forward_backward(self, data):
+        autocast = torch.autocast("cuda") if self.grad_scaler is not None else contextlib.nullcontext()
+        with autocast:
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values()) / self.iter_size
+        if self.grad_scaler is not None:
+            losses = self.grad_scaler.scale(losses)
+        losses.backward()
+        return {name: loss.detach() for name, loss in loss_dict.items()}
+
+    def run_step(self):
+        assert self.model.training, "[MicroBatchTrainer] model was changed to eval mode!"
+        self.optimizer.zero_grad()
+        data_time, loss_dicts = 0.0, []
+        for index in range(self.iter_size):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time += time.perf_counter() - start
+            last = index == self.iter_size - 1
+            skip_sync = isinstance(self.model, DistributedDataParallel) and not last
+            with self.model.no_sync() if skip_sync else contextlib.nullcontext():
+                loss_dicts.append(self._forward_backward(data))
+        # logged losses are the step's mean over micro-batches, comparable across ITER_SIZE settings
+        mean_losses = {name: sum(d[name] for d in loss_dicts) / self.iter_size for name in loss_dicts[0]}
+        self._write_metrics(mean_losses, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()  # the key detectron2's AMPTrainer uses
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

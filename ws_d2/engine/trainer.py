@@ -1,0 +1,78 @@
+"""WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo data parallelism, AMP checks,
+COCO evaluation and ws_d2's safe, atomic checkpointer.
+
+Only the constructor is ws_d2's own: detectron2 v0.6's hard-codes SimpleTrainer/AMPTrainer,
+DetectionCheckpointer and a GPU-only DDP wrapper (`device_ids=[local_rank]` fails for a CPU model).
+Hooks, resume, the training loop, testing and the build_* functions are DefaultTrainer's.
+"""
+
+import json
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import WSCheckpointer
+from .micro_batch import ConfigError, MicroBatchTrainer, micro_batch_size
+
+__all__ = ["WSTrainer", "check_amp"]
+
+
+def check_amp(cfg):
+    """AMP runs on CUDA only; on the CPU it is refused (bf16 autocast is not supported by every op here)."""
+    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ConfigError(
+            f"SOLVER.AMP.ENABLED needs a CUDA device (MODEL.DEVICE is '{cfg.MODEL.DEVICE}'); "
+            "on the CPU train in fp32: SOLVER.AMP.ENABLED False"
+        )
+
+
+class WSTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called yet
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        check_amp(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        # Data parallel over processes: CUDA models are pinned to their local GPU, CPU models (Gloo) are not.
+        device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+        grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
+        self._trainer = MicroBatchTrainer(model, data_loader, optimizer, cfg.SOLVER.ITER_SIZE, grad_scaler)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, batched per micro-batch: IMS_PER_BATCH / ITER_SIZE over all processes."""
+        micro_cfg = cfg.clone()
+        micro_cfg.defrost()
+        micro_cfg.SOLVER.IMS_PER_BATCH = micro_batch_size(cfg, comm.get_world_size()) * comm.get_world_size()
+        return super().build_train_loader(micro_cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name):
+        """COCO box (and mask) AP; detections are kept in OUTPUT_DIR/inference/<data set>/."""
+        return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test, with the metrics also written to OUTPUT_DIR/eval_results.json."""
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+        return results
