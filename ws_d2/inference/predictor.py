@@ -1,5 +1,6 @@
 """Inference set-up: the config from a file, and DefaultPredictor with weights read by WSCheckpointer."""
 
+import logging
 import os
 
 from detectron2.data import MetadataCatalog
@@ -57,7 +58,15 @@ class WSPredictor(DefaultPredictor):
         no_weights = cfg.clone()
         no_weights.defrost()
         no_weights.MODEL.WEIGHTS = ""
-        super().__init__(no_weights)
+        # fvcore would log "No checkpoint found. Initializing model from scratch" for the empty weights
+        # just before WSCheckpointer loads the real ones: keep the log truthful.
+        fvcore_log = logging.getLogger("fvcore.common.checkpoint")
+        level = fvcore_log.level
+        fvcore_log.setLevel(logging.WARNING)
+        try:
+            super().__init__(no_weights)
+        finally:
+            fvcore_log.setLevel(level)
         self.cfg = cfg.clone()
         self.metadata = metadata_for(cfg)
         WSCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
