@@ -5,7 +5,6 @@ GroupNorm(32) gives the authors' exact names (bn*, downsample.0/1, fc) and shape
 heads are listed below with their documented shapes. Values are random.
 """
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torchvision
 from detectron2.modeling import build_model
+from tool_loading import load_tool
 from torch import nn
 
 from ws_d2 import get_ws_cfg
@@ -28,15 +28,6 @@ from ws_d2.checkpoint.convert import (
     convert_mmdet_checkpoint,
     seed_config_file,
 )
-
-
-def _load_tool(repo_root, name):
-    # tools/ is not a package (and site-packages may hold an unrelated `tools`): load the file itself.
-    spec = importlib.util.spec_from_file_location(f"ws_d2_tool_{name}", repo_root / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FASTER_R50 = str(CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_gn_ws_1x.yaml")
@@ -314,7 +305,7 @@ def test_torchvision_batchnorm_resnet(tmp_path, repo_root):
 
 
 def test_cli_exit_codes_and_messages(tmp_path, repo_root, capsys, authors_r50):
-    convert_pretrained = _load_tool(repo_root, "convert_pretrained")
+    convert_pretrained = load_tool(repo_root, "convert_pretrained")
     torch.save(authors_r50, tmp_path / "R-50-GN-WS.pth.tar")
     assert (
         convert_pretrained.main([str(tmp_path / "R-50-GN-WS.pth.tar"), str(tmp_path / "R-50-GN-WS.pkl")]) == 0
@@ -383,7 +374,7 @@ def test_cli_refuses_crafted_and_truncated_files(tmp_path, repo_root, capsys):
     torch.save({"module.conv1.weight": torch.randn(64, 3, 7, 7)}, tmp_path / "cut.pth.tar")
     (tmp_path / "cut.pth.tar").write_bytes((tmp_path / "cut.pth.tar").read_bytes()[:5000])
     assert (
-        _load_tool(repo_root, "convert_pretrained").main(
+        load_tool(repo_root, "convert_pretrained").main(
             [str(tmp_path / "cut.pth.tar"), str(tmp_path / "out.pkl")]
         )
         == 1

@@ -1,6 +1,5 @@
 """tools/demo.py and ws_d2.inference: inputs of every kind, bad inputs, drawing, video and webcam."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from tool_loading import load_tool
 
 from ws_d2.inference import (
     CameraUnavailableError,
@@ -20,14 +20,6 @@ from ws_d2.inference import (
     run_on_stream,
 )
 from ws_d2.inference.image_io import UnreadableImageError
-
-
-def load_tool(repo_root, name):
-    # tools/ is not a package (and site-packages may hold an unrelated `tools`): load the file itself.
-    spec = importlib.util.spec_from_file_location(f"ws_d2_tool_{name}", repo_root / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

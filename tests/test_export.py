@@ -181,7 +181,7 @@ def test_stock_gn_model_from_export_matches_without_ws_d2(tmp_path, repo_root):
 
 
 def test_export_cli(tmp_path, repo_root, capsys):
-    from test_demo import load_tool
+    from tool_loading import load_tool
 
     export_tool = load_tool(repo_root, "export_model")
     config_file = write_tiny_config(tmp_path, repo_root, with_weights=False)

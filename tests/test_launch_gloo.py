@@ -2,7 +2,7 @@
 
 import subprocess
 
-from test_training_support import (
+from training_support import (
     EXACT_OPTS,
     make_tiny_dataset,
     save_initial_weights,

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from test_training_support import make_tiny_dataset, synthetic_dataset_args, train_net
+from training_support import make_tiny_dataset, synthetic_dataset_args, train_net
 
 from ws_d2.checkpoint import load_checkpoint_file
 

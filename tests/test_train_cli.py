@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from test_training_support import (
+from training_support import (
     QUICKSTART_CONFIG,
     TINY_OPTS,
     make_tiny_dataset,

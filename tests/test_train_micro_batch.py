@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_training_support import EXACT_OPTS, make_tiny_dataset, tiny_cfg
+from training_support import EXACT_OPTS, make_tiny_dataset, tiny_cfg
 
 from ws_d2.config import get_ws_cfg
 from ws_d2.engine import ConfigError, WSTrainer, micro_batch_size
