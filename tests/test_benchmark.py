@@ -57,3 +57,16 @@ def test_peak_memory_sample_runs_in_a_fresh_process(repo_root, tmp_path):
 def test_missing_config_is_a_named_error(tmp_path):
     with pytest.raises(BenchmarkError, match="not found"):
         run_benchmark(BenchmarkSettings(config_file=str(tmp_path / "nope.yaml")), log=lambda line: None)
+
+
+def test_inference_memory_rows_include_the_folded_model(repo_root):
+    settings = tiny_settings(repo_root, modes=["inference"], memory_rounds=1, measure_memory=True)
+    result = run_benchmark(settings, log=lambda line: None)
+    rows = {row["metric"]: row for row in result["rows"]}
+    assert set(rows) == {
+        "inference_time",
+        "folded_inference_time",
+        "inference_peak_memory",
+        "folded_inference_peak_memory",
+    }
+    assert rows["folded_inference_peak_memory"]["folded"] > 0 and rows["inference_peak_memory"]["ws"] > 0
