@@ -70,3 +70,13 @@ def test_inference_memory_rows_include_the_folded_model(repo_root):
         "folded_inference_peak_memory",
     }
     assert rows["folded_inference_peak_memory"]["folded"] > 0 and rows["inference_peak_memory"]["ws"] > 0
+
+
+def test_rounds_alternate_which_model_runs_first():
+    from ws_d2.benchmark import time_alternating
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("ws", "gn")}
+    samples = time_alternating(steps, rounds=3, warmup=1, device="cpu")
+    assert calls == ["ws", "gn", "gn", "ws", "ws", "gn", "gn", "ws"]
+    assert [len(samples[name]) for name in ("ws", "gn")] == [3, 3]

@@ -200,10 +200,15 @@ def _timed(step, device: str) -> float:
 def time_alternating(
     steps: dict[str, object], rounds: int, warmup: int, device: str
 ) -> dict[str, list[float]]:
-    """Seconds per call of each step, measured in alternating order, `rounds` times after `warmup`."""
+    """Seconds per call of each step, measured in alternating order, `rounds` times after `warmup`.
+
+    The order is reversed every other round, so that neither model always runs first (right after the
+    other's memory-heavy step) or last.
+    """
     samples = {name: [] for name in steps}
     for index in range(warmup + rounds):
-        for name, step in steps.items():
+        order = list(steps.items())
+        for name, step in order if index % 2 == 0 else reversed(order):
             seconds = _timed(step, device)
             if index >= warmup:
                 samples[name].append(seconds)
