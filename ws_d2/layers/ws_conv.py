@@ -115,6 +115,24 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return w_hat.to(weight.dtype)
 
 
+def conv2d_arguments(conv: Conv2d) -> dict:
+    """The constructor arguments that rebuild `conv` (detectron2 Conv2d or WSConv2d) with its norm and
+    activation, for swapping its class while sharing its parameters."""
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        norm=conv.norm,
+        activation=conv.activation,
+    )
+
+
 class WSConv2d(Conv2d):
     """detectron2's Conv2d (conv + optional norm + activation) with a weight-standardized weight.
 
@@ -136,21 +154,8 @@ class WSConv2d(Conv2d):
     @classmethod
     def from_conv2d(cls, conv: Conv2d, eps: float = 1e-5) -> "WSConv2d":
         """A WSConv2d sharing `conv`'s parameters, norm and activation."""
-        ws = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            norm=conv.norm,
-            activation=conv.activation,
-            eps=eps,
-            device="meta",  # parameters are replaced just below: allocate nothing
-        )
+        # parameters are replaced just below: allocate nothing
+        ws = cls(**conv2d_arguments(conv), eps=eps, device="meta")
         ws.weight = conv.weight
         ws.bias = conv.bias
         ws.train(conv.training)

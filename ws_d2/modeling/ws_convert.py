@@ -4,6 +4,7 @@ import torch
 from detectron2.layers import Conv2d
 
 from ws_d2.layers import WSConv2d
+from ws_d2.layers.ws_conv import conv2d_arguments
 
 __all__ = ["convert_to_ws", "fold_ws", "count_ws_convs"]
 
@@ -59,20 +60,7 @@ def _needs_ws(module):
 
 def _fold_one(ws: WSConv2d) -> Conv2d:
     weight = ws.weight
-    conv = Conv2d(
-        ws.in_channels,
-        ws.out_channels,
-        ws.kernel_size,
-        stride=ws.stride,
-        padding=ws.padding,
-        dilation=ws.dilation,
-        groups=ws.groups,
-        bias=ws.bias is not None,
-        padding_mode=ws.padding_mode,
-        norm=ws.norm,
-        activation=ws.activation,
-        device="meta",
-    )
+    conv = Conv2d(**conv2d_arguments(ws), device="meta")  # its parameters are set just below
     with torch.no_grad():
         standardized = ws.standardized_weight().detach().clone()
     conv.weight = torch.nn.Parameter(standardized, requires_grad=weight.requires_grad)
