@@ -119,7 +119,7 @@ def test_zero_variance_filter_gives_finite_output_and_gradients():
     torch.testing.assert_close(conv.weight.grad[keep], weight.grad[keep], rtol=1e-3, atol=1e-4)
 
 
-# --- eval cache -------------------------------------------------------------------------------------
+# --- eval cache: the statistics, not W_hat ------------------------------------------------------------
 
 
 def make_conv():
@@ -128,32 +128,71 @@ def make_conv():
 
 
 def cached(conv):
+    """The cached statistics after an eval forward."""
     conv.eval()
     with torch.no_grad():
-        return conv.standardized_weight()
+        conv(torch.randn(1, conv.in_channels, 5, 5, dtype=conv.weight.dtype))
+    return conv.ws_statistics()
 
 
 def assert_fresh(conv, old):
+    """The statistics were recomputed, and the eval W_hat is the formula's for the current weight."""
     new = cached(conv)
-    assert new is not old
-    torch.testing.assert_close(new, reference_ws(conv.weight.detach()).to(conv.weight.dtype))
+    assert new[0] is not old[0] and new[1] is not old[1]
+    with torch.no_grad():
+        w_hat = conv.standardized_weight()
+    torch.testing.assert_close(w_hat, reference_ws(conv.weight.detach()).to(conv.weight.dtype))
     return new
 
 
-def test_cache_is_reused_in_eval_and_for_frozen_weights():
+@pytest.fixture
+def statistics_runs(monkeypatch):
+    """How many times the WS reductions (mean and std of every filter) have run."""
+    from ws_d2.layers import ws_conv
+
+    runs = []
+    original = ws_conv._standardize_rows
+    monkeypatch.setattr(ws_conv, "_standardize_rows", lambda *args: runs.append(1) or original(*args))
+    return runs
+
+
+def test_statistics_computed_once_and_reused_in_eval_and_for_frozen_weights(statistics_runs):
     conv = make_conv()
-    first = cached(conv)
-    assert cached(conv) is first
     x = torch.randn(1, 8, 5, 5)
+    conv.eval()
     with torch.no_grad():
-        torch.testing.assert_close(conv(x), F.conv2d(x, first, conv.bias, padding=1))
+        first, second = conv(x), conv(x)
+        w_hat = conv.standardized_weight()
+    assert len(statistics_runs) == 1
+    assert torch.equal(first, second)
+    # Bitwise the W_hat of the training path.
+    assert torch.equal(w_hat, standardize_weight(conv.weight, EPS).detach())
+    torch.testing.assert_close(first, F.conv2d(x, w_hat, conv.bias, padding=1), rtol=0, atol=0)
     # A frozen stage in training: grad mode on, but the weight needs no gradient.
     conv.train()
     conv.weight.requires_grad_(False)
-    assert conv.standardized_weight() is conv.standardized_weight()
+    runs = len(statistics_runs)
+    conv(x)
+    conv(x)
+    assert len(statistics_runs) == runs
     # A trainable weight in grad mode is standardized on every call (it gets a gradient).
     conv.weight.requires_grad_(True)
-    assert conv.standardized_weight() is not conv.standardized_weight()
+    conv(x)
+    conv(x)
+    assert len(statistics_runs) == runs + 2
+
+
+def test_eval_keeps_no_weight_sized_tensor():
+    """Only O(out_channels) numbers are cached: no second copy of the weight stays alive."""
+    conv = WSConv2d(64, 128, kernel_size=3, padding=1, bias=False)
+    cached(conv)
+    held = []
+    for value in vars(conv).values():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, torch.Tensor) and not isinstance(item, torch.nn.Parameter):
+                held.append(item)
+    assert held, "the statistics are cached on the module"
+    assert sum(t.numel() for t in held) == 2 * 128
 
 
 def test_cache_invalidated_by_optimizer_step():
@@ -189,10 +228,10 @@ def test_cache_invalidated_by_dtype_and_device_moves():
     old = cached(conv)
     conv.double()
     new = assert_fresh(conv, old)
-    assert new.dtype == torch.float64
+    assert new[0].dtype == new[1].dtype == torch.float64
     conv.float()
     newer = assert_fresh(conv, new)
-    assert newer.dtype == torch.float32
+    assert newer[0].dtype == newer[1].dtype == torch.float32
     # .to(device) and .cuda() go through Module._apply; so does any parameter conversion.
     conv._apply(lambda t: t.clone())
     assert_fresh(conv, newer)
@@ -212,9 +251,9 @@ def test_cache_survives_deepcopy_correctly():
     old = cached(conv)
     clone = copy.deepcopy(conv)
     with torch.no_grad():
-        clone.weight.add_(1.0)
+        clone.weight.mul_(2.0).add_(1.0)
     assert_fresh(clone, old)
-    assert cached(conv) is old
+    assert conv.ws_statistics()[0] is old[0]
 
 
 def test_cache_filled_in_inference_mode_serves_a_frozen_training_forward():

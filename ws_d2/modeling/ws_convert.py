@@ -62,7 +62,7 @@ def _fold_one(ws: WSConv2d) -> Conv2d:
     weight = ws.weight
     conv = Conv2d(**conv2d_arguments(ws), device="meta")  # its parameters are set just below
     with torch.no_grad():
-        standardized = ws.standardized_weight().detach().clone()
+        standardized = ws.standardized_weight().detach()
     conv.weight = torch.nn.Parameter(standardized, requires_grad=weight.requires_grad)
     conv.bias = ws.bias
     conv.train(ws.training)
