@@ -54,6 +54,42 @@ def test_peak_memory_sample_runs_in_a_fresh_process(repo_root, tmp_path):
     assert 1 < mib < 4096
 
 
+PEAK_RSS_PROBE = """
+import json, torch
+from ws_d2.benchmark import _proc_status_kib, peak_rss_mib
+baseline = _proc_status_kib("VmRSS")
+kept = torch.ones(128 * 2**18)  # 128 MiB alive during the step: counted
+# 256 MiB in 1 MiB blocks, freed before the step: not counted. Between them, 64 KiB tensors that stay
+# (16 MiB, counted). With glibc's default, adaptive mmap threshold (raised past 1 MiB by the 2 MiB block
+# freed first) the blocks land on the heap and the pins keep their freed space resident: ~460 MiB.
+torch.ones(2**19)
+blocks, pins = [], []
+for _ in range(256):
+    blocks.append(torch.ones(2**18))
+    pins.append(torch.ones(2**14))
+del blocks
+print(json.dumps(peak_rss_mib(lambda: torch.ones(64 * 2**18).sum(), baseline)))
+"""
+
+
+def test_peak_rss_counts_live_memory_and_the_step_alone():
+    """The CPU memory method: what is alive plus the step's own peak, not what was freed before it."""
+    import subprocess
+    import sys
+
+    from ws_d2.benchmark import memory_sample_environment
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_PROBE],
+        capture_output=True,
+        text=True,
+        env=memory_sample_environment(),
+        check=True,
+    )
+    mib = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 128 + 16 + 64 <= mib < 128 + 16 + 64 + 24
+
+
 def test_missing_config_is_a_named_error(tmp_path):
     with pytest.raises(BenchmarkError, match="not found"):
         run_benchmark(BenchmarkSettings(config_file=str(tmp_path / "nope.yaml")), log=lambda line: None)
