@@ -10,7 +10,7 @@ ENV_STAMP := $(VENV)/.ws_d2-setup.stamp
 SETUP_ARGS := --venv $(VENV)
 endif
 
-.PHONY: env test lint format quickstart benchmark clean
+.PHONY: env test test-quick lint format quickstart benchmark clean
 
 env: $(ENV_STAMP)
 
@@ -28,6 +28,9 @@ format: env
 
 test: env lint
 	$(PYTHON) -m pytest -q tests
+
+test-quick: env
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 quickstart: env
 	$(PYTHON) tools/quickstart.py

@@ -1,16 +1,120 @@
+"""Shared by every test: the tiny model config, tiny synthetic data sets, loading a tool, running train_net.
+
+`make test` runs everything; `make test-quick` skips the tests marked `slow` (real training processes).
+"""
+
+import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tools/ and tests/ helpers
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import ws_d2  # noqa: E402,F401  (compat fixes and registration before any detectron2 import)
+import ws_d2  # noqa: E402  (fixes and registration before any detectron2 import)
+from ws_d2.data import generate_synthetic_dataset, register_synthetic_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "tests" / "configs" / "tiny_mask_rcnn_R_18_FPN.yaml")
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> str:
+    """The path of the tiny model's config file."""
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """`tiny_cfg(*opts)`: the tiny model's (unfrozen) config with `KEY VALUE` overrides."""
+
+    def make(*opts, freeze=False):
+        return ws_d2.load_config(TINY_CONFIG, opts, freeze=freeze)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset():
+    """`tiny_dataset(root, prefix, ...)`: a tiny synthetic set (64 px) in `root`, registered as
+    `{prefix}_train` / `{prefix}_val`. Returns (config overrides that use it, train_net flags that register it
+    in a subprocess under the same names)."""
+
+    def make(root, prefix, num_train=4, num_val=2, max_objects=2):
+        generate_synthetic_dataset(
+            root, {"train": num_train, "val": num_val}, image_size=64, max_objects=max_objects
+        )
+        register_synthetic_dataset(str(root), prefix, splits=("train", "val"))
+        opts = ["DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_val',)"]
+        flags = []
+        for split in ("train", "val"):
+            annotations = os.path.join(root, "annotations", f"instances_{split}.json")
+            flags += ["--coco-dataset", f"{prefix}_{split}", annotations, os.path.join(root, split)]
+        return opts, flags
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """A tools/ script as a module (tools/ is not a package, and site-packages may hold an unrelated one)."""
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"ws_d2_tool_{name}", REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def start_train_net():
+    """Start tools/train_net.py on the tiny config in a subprocess: `start(args, **popen_kwargs)`."""
+
+    def start(args, **popen_kwargs):
+        command = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", TINY_CONFIG, *args]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        return subprocess.Popen(command, cwd=REPO, env=env, **popen_kwargs)
+
+    return start
+
+
+@pytest.fixture
+def save_initial_weights():
+    """Random initial weights of a config's model as a checkpoint file, so separate runs start alike."""
+
+    def save(cfg, path):
+        from detectron2.modeling import build_model
+
+        torch.manual_seed(0)
+        torch.save({"model": build_model(cfg).state_dict()}, path)
+        return str(path)
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def exact_step_opts():
+    """Overrides under which one optimizer step is exactly the same computation however the batch is split
+    into micro-batches or processes, up to float summation order.
+
+    Every loss normalizer is then proportional to the number of images: RPN losses divide by
+    RPN.BATCH_SIZE_PER_IMAGE x images, and every labelled anchor is sampled (no random subset). With no
+    proposals (POST_NMS_TOPK_TRAIN 0) the RoI heads see exactly the ground-truth boxes (add_ground_truth_to_
+    proposals), one per image with `max_objects=1` data, so box and mask losses average over the same RoIs
+    and no proposal ranking (which float noise can reorder) is involved. One step (MAX_ITER 1), 4 images per
+    step: every step sees the whole 4-image set in any order."""
+    return [
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "4096", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "0",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "1",
+        "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()",
+    ]  # fmt: skip

@@ -8,8 +8,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from ws_d2.benchmark import synthetic_batch
 from ws_d2.config import get_ws_cfg
+from ws_d2.data import synthetic_batch
 from ws_d2.modeling import count_ws_convs
 
 BACKBONES = {"R_50": (50, 1, "R-50"), "R_101": (101, 1, "R-101"), "X_50_32x4d": (50, 32, "X-50-32x4d")}

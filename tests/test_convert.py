@@ -1,6 +1,6 @@
 """tools/convert_pretrained.py and ws_d2.checkpoint.convert on synthetic checkpoints in each published layout.
 
-The synthetic files are built from the documented key patterns (REFERENCE.md): torchvision's ResNet with
+The synthetic files are built from the documented key patterns (docs/CONVERSION.md): torchvision's ResNet with
 GroupNorm(32) gives the authors' exact names (bn*, downsample.0/1, fc) and shapes; MMDetection's neck and
 heads are listed below with their documented shapes. Values are random.
 """
@@ -16,18 +16,17 @@ import pytest
 import torch
 import torchvision
 from detectron2.modeling import build_model
-from tool_loading import load_tool
 from torch import nn
 
 from ws_d2 import get_ws_cfg
-from ws_d2.checkpoint import CheckpointLoadError, UnsafeCheckpointError, WSCheckpointer, load_checkpoint_file
+from ws_d2.checkpoint import WSCheckpointer, load_checkpoint_file
 from ws_d2.checkpoint.convert import (
-    ConversionError,
     convert_authors_checkpoint,
     convert_checkpoint,
     convert_mmdet_checkpoint,
     seed_config_file,
 )
+from ws_d2.errors import CheckpointError, UnsafeCheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FASTER_R50 = str(CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_gn_ws_1x.yaml")
@@ -150,24 +149,24 @@ def test_mmdet_rehosted_backbone_with_gn_names(tmp_path, authors_r50):
 
 
 def test_wrong_architecture_is_refused(authors_r50):
-    with pytest.raises(ConversionError, match=r"no source: backbone\.bottom_up\.res4\.6\.") as info:
+    with pytest.raises(CheckpointError, match=r"no source: backbone\.bottom_up\.res4\.6\.") as info:
         convert_authors_checkpoint(
             authors_r50, config_file=str(CONFIGS / "COCO-Detection/faster_rcnn_R_101_FPN_gn_ws_1x.yaml")
         )
     assert "\n" not in str(info.value)
     with pytest.raises(
-        ConversionError,
+        CheckpointError,
         match=r"module\.layer1\.0\.conv2\.weight \(64, 64, 3, 3\) -> backbone\.bottom_up\.res2\.0\.conv2\.weight \(128, 4",
     ):
         convert_authors_checkpoint(
             authors_r50, config_file=str(CONFIGS / "COCO-Detection/faster_rcnn_X_50_32x4d_FPN_gn_ws_1x.yaml")
         )
     truncated = {k: v for k, v in authors_r50.items() if not k.startswith("module.layer4.2.")}  # depth 49?
-    with pytest.raises(ConversionError, match="match no ResNet depth"):
+    with pytest.raises(CheckpointError, match="match no ResNet depth"):
         convert_authors_checkpoint(truncated)
 
 
-# MMDetection's FPN, RPN and 4conv1fc / 4conv mask heads, as documented (REFERENCE.md), for a ResNet-50.
+# MMDetection's FPN, RPN and 4conv1fc / 4conv mask heads, as documented (docs/CONVERSION.md), for a ResNet-50.
 def _mmdet_neck_and_heads(mask=True):
     shapes = {}
     for i, in_channels in enumerate([256, 512, 1024, 2048]):
@@ -255,7 +254,7 @@ def test_mmdet_faster_rcnn_and_refusals(mmdet_mask_r50):
     converted, report = convert_mmdet_checkpoint({"meta": {}, "state_dict": faster})
     assert report.target == "faster_rcnn_R_50_FPN_gn_ws_1x.yaml" and len(converted) == len(faster)
     # a Faster R-CNN file for a Mask R-CNN config: the mask head has no source
-    with pytest.raises(ConversionError, match=r"no source: roi_heads\.mask_head\.mask_fcn1\.weight"):
+    with pytest.raises(CheckpointError, match=r"no source: roi_heads\.mask_head\.mask_fcn1\.weight"):
         convert_mmdet_checkpoint(
             {"state_dict": faster},
             config_file=str(CONFIGS / "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"),
@@ -263,11 +262,11 @@ def test_mmdet_faster_rcnn_and_refusals(mmdet_mask_r50):
     # a head layout the table does not know is named, not silently dropped
     odd = {**faster, "roi_head.bbox_head.shared_fcs.0.extra": torch.zeros(1)}
     with pytest.raises(
-        ConversionError, match=r"match no rename rule: roi_head\.bbox_head\.shared_fcs\.0\.extra"
+        CheckpointError, match=r"match no rename rule: roi_head\.bbox_head\.shared_fcs\.0\.extra"
     ):
         convert_mmdet_checkpoint({"state_dict": odd}, config_file=SEED_FASTER_R50)
     v1_layout = {k.replace("roi_head.", ""): v for k, v in faster.items()}  # MMDetection v1: no roi_head
-    with pytest.raises(ConversionError, match="MMDetection v1 layout"):
+    with pytest.raises(CheckpointError, match="MMDetection v1 layout"):
         convert_mmdet_checkpoint({"meta": {"mmdet_version": "1.0rc0"}, "state_dict": v1_layout})
 
 
@@ -283,7 +282,7 @@ def test_torchvision_batchnorm_resnet(tmp_path, repo_root):
     resnet = _random_(torchvision.models.resnet18())
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
     gn_config = _write_config(tmp_path, repo_root, "r18_gn.yaml")
-    with pytest.raises(ConversionError, match="no GroupNorm counterpart"):
+    with pytest.raises(CheckpointError, match="no GroupNorm counterpart"):
         convert_checkpoint(tmp_path / "resnet18.pth", tmp_path / "out.pkl", config_file=gn_config)
     assert not (tmp_path / "out.pkl").exists()
 
@@ -304,8 +303,8 @@ def test_torchvision_batchnorm_resnet(tmp_path, repo_root):
     )
 
 
-def test_cli_exit_codes_and_messages(tmp_path, repo_root, capsys, authors_r50):
-    convert_pretrained = load_tool(repo_root, "convert_pretrained")
+def test_cli_exit_codes_and_messages(tmp_path, capsys, authors_r50, load_tool):
+    convert_pretrained = load_tool("convert_pretrained")
     torch.save(authors_r50, tmp_path / "R-50-GN-WS.pth.tar")
     assert (
         convert_pretrained.main([str(tmp_path / "R-50-GN-WS.pth.tar"), str(tmp_path / "R-50-GN-WS.pkl")]) == 0
@@ -352,7 +351,7 @@ class _RunsShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_cli_refuses_crafted_and_truncated_files(tmp_path, repo_root, capsys):
+def test_cli_refuses_crafted_and_truncated_files(tmp_path, repo_root, capsys, load_tool):
     marker = tmp_path / "was_executed"
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"conv1.weight": _RunsShellCommand(marker)}, protocol=2))
     # the real command line: exit status 1 and a one-line message, nothing executed
@@ -374,13 +373,10 @@ def test_cli_refuses_crafted_and_truncated_files(tmp_path, repo_root, capsys):
     torch.save({"module.conv1.weight": torch.randn(64, 3, 7, 7)}, tmp_path / "cut.pth.tar")
     (tmp_path / "cut.pth.tar").write_bytes((tmp_path / "cut.pth.tar").read_bytes()[:5000])
     assert (
-        load_tool(repo_root, "convert_pretrained").main(
-            [str(tmp_path / "cut.pth.tar"), str(tmp_path / "out.pkl")]
-        )
-        == 1
+        load_tool("convert_pretrained").main([str(tmp_path / "cut.pth.tar"), str(tmp_path / "out.pkl")]) == 1
     )
     assert "cut.pth.tar: not a readable torch checkpoint (truncated or corrupt?)" in capsys.readouterr().err
     with pytest.raises(UnsafeCheckpointError):
         convert_checkpoint(tmp_path / "evil.pkl", tmp_path / "out.pkl")
-    with pytest.raises(CheckpointLoadError):
+    with pytest.raises(CheckpointError):
         convert_checkpoint(tmp_path / "cut.pth.tar", tmp_path / "out.pkl")

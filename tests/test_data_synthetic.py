@@ -1,6 +1,9 @@
 """The synthetic shapes set: deterministic, valid COCO instance annotations, registered with its classes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,11 +13,11 @@ from pycocotools import mask as mask_utils
 from ws_d2.config import get_ws_cfg
 from ws_d2.data import (
     SYNTHETIC_CLASSES,
-    DatasetError,
     check_datasets,
     generate_synthetic_dataset,
     register_coco_dataset,
 )
+from ws_d2.errors import DatasetError
 
 SPLITS = {"train": 6, "val": 3}
 
@@ -69,3 +72,15 @@ def test_checks_name_the_problem(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DatasetError, match="is not a JSON file"):
         register_coco_dataset("broken", str(tmp_path / "broken.json"), image_dir)
+
+
+def test_an_unlisted_split_has_the_same_files_in_every_process(tmp_path):
+    # its seed offset must not come from hash(), which Python randomizes per process (PYTHONHASHSEED)
+    code = "import sys, ws_d2.data as d; d.generate_synthetic_dataset(sys.argv[1], {'holdout': 2}, image_size=32)"
+    contents = []
+    for run, hash_seed in enumerate(("1", "2")):
+        root = tmp_path / f"run{run}"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        subprocess.run([sys.executable, "-c", code, str(root)], check=True, env=env, capture_output=True)
+        contents.append([(root / "holdout" / name).read_bytes() for name in ("000001.png", "000002.png")])
+    assert contents[0] == contents[1]

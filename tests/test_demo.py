@@ -1,4 +1,4 @@
-"""tools/demo.py and ws_d2.inference: inputs of every kind, bad inputs, drawing, video and webcam."""
+"""tools/demo.py and ws_d2.predictor: inputs of every kind, bad inputs, drawing, video and webcam."""
 
 import json
 import subprocess
@@ -7,31 +7,36 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from tool_loading import load_tool
 
-from ws_d2.inference import (
-    CameraUnavailableError,
-    WSPredictor,
-    expand_inputs,
-    load_inference_cfg,
-    open_camera,
-    read_image_bgr,
-    run_on_stream,
-)
-from ws_d2.inference.image_io import UnreadableImageError
+from ws_d2.predictor import VisualizationDemo, WSPredictor
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory, repo_root):
-    from test_export import write_tiny_config
-
-    return write_tiny_config(tmp_path_factory.mktemp("tiny_model"), repo_root)
+def demo(load_tool):
+    return load_tool("demo")
 
 
 @pytest.fixture(scope="module")
-def demo(repo_root):
-    return load_tool(repo_root, "demo")
+def model_opts(tiny_cfg, tmp_path_factory):
+    """Overrides for the tiny model: MODEL.WEIGHTS names random weights, saved once so that every model
+    built here holds the same weights and loads them as a trained model does (WSCheckpointer); at most 5
+    instances per image, as drawing is most of the demo's time."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny_random.pth"
+    torch.save({"model": build_model(tiny_cfg()).state_dict()}, path)
+    return ["MODEL.WEIGHTS", str(path), "TEST.DETECTIONS_PER_IMAGE", "5"]
+
+
+def exit_status(demo, argv):
+    """Run the demo as its command line does: its exit status (argparse exits on a usage error)."""
+    try:
+        return demo.main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
 
 
 def synthetic_image(height=72, width=96):
@@ -54,56 +59,76 @@ def save(path, array, mode=None, exif_orientation=None):
     return str(path)
 
 
-def test_read_image_grayscale_rgba_exif(tmp_path):
+def test_read_image_grayscale_rgba_exif(demo, tmp_path):
     rgb = synthetic_image()
-    gray = read_image_bgr(save(tmp_path / "gray.png", rgb, "L"))
+    gray = demo.read_image_bgr(save(tmp_path / "gray.png", rgb, "L"))
     assert gray.shape == (72, 96, 3) and (gray[..., 0] == gray[..., 2]).all()
 
     rgba = np.dstack([np.full((8, 8, 3), (255, 0, 0), np.uint8), np.full((8, 8), 128, np.uint8)])
-    bgr = read_image_bgr(save(tmp_path / "rgba.png", rgba))
+    bgr = demo.read_image_bgr(save(tmp_path / "rgba.png", rgba))
     assert bgr.shape == (8, 8, 3) and tuple(bgr[0, 0]) == (0, 0, 255)  # red, in BGR order
 
     marked = np.zeros((20, 40, 3), np.uint8)
     marked[:4, :4] = 255  # top-left of the stored pixels
-    upright = read_image_bgr(save(tmp_path / "rotated.jpg", marked, exif_orientation=6))  # 6: rotate 90 CW
+    upright = demo.read_image_bgr(save(tmp_path / "rotated.jpg", marked, exif_orientation=6))  # 90 deg CW
     assert upright.shape == (40, 20, 3)
+    # JPEG blurs the marker's edges by a few levels: 200 and 50 are far from both 255 and 0
     assert upright[:4, -4:].mean() > 200 and upright[:4, :4].mean() < 50  # marker now top-right
 
 
-def test_read_image_names_bad_file(tmp_path):
+def test_read_image_names_bad_file(demo, tmp_path):
     (tmp_path / "notes.jpg").write_text("not an image")
-    with pytest.raises(UnreadableImageError, match=r"notes\.jpg: cannot read as an image"):
-        read_image_bgr(str(tmp_path / "notes.jpg"))
+    with pytest.raises(demo.UnreadableImageError, match=r"notes\.jpg: cannot read as an image"):
+        demo.read_image_bgr(str(tmp_path / "notes.jpg"))
     truncated = tmp_path / "cut.png"
     save(truncated, synthetic_image())
     truncated.write_bytes(truncated.read_bytes()[:200])
-    with pytest.raises(UnreadableImageError, match=r"cut\.png"):
-        read_image_bgr(str(truncated))
+    with pytest.raises(demo.UnreadableImageError, match=r"cut\.png"):
+        demo.read_image_bgr(str(truncated))
 
 
-def test_expand_inputs_files_folders_globs(tmp_path):
+def test_expand_inputs_files_folders_globs(demo, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     a, b = save(folder / "b.png", synthetic_image()), save(folder / "a.jpg", synthetic_image())
     (folder / "readme.txt").write_text("skipped: a folder is searched for images only")
     c = save(tmp_path / "c.png", synthetic_image())
-    paths, problems = expand_inputs([str(folder), str(tmp_path / "*.png"), c, str(tmp_path / "nothing*.jpg")])
+    patterns = [str(folder), str(tmp_path / "*.png"), c, str(tmp_path / "nothing*.jpg")]
+    paths, problems = demo.expand_inputs(patterns)
     assert paths == [b, a, c]  # folder sorted, duplicates once
     assert len(problems) == 1 and "nothing*.jpg: no such file" in problems[0]
 
 
 @pytest.mark.parametrize("input_format, red_channel", [("RGB", 0), ("BGR", 2)])
-def test_predictor_feeds_model_in_input_format(tiny_config, tmp_path, input_format, red_channel):
-    cfg = load_inference_cfg(str(tiny_config), ["INPUT.FORMAT", input_format])
-    predictor = WSPredictor(cfg)
+def test_predictor_feeds_model_in_input_format(demo, tiny_cfg, tmp_path, input_format, red_channel):
+    predictor = WSPredictor(tiny_cfg("INPUT.FORMAT", input_format))
     seen = []
     predictor.model = lambda batch: seen.append(batch[0]["image"]) or [{}]
-    predictor(read_image_bgr(save(tmp_path / "red.png", np.full((16, 16, 3), (255, 0, 0), np.uint8))))
+    predictor(demo.read_image_bgr(save(tmp_path / "red.png", np.full((16, 16, 3), (255, 0, 0), np.uint8))))
     channel_means = seen[0].mean(dim=(1, 2))
+    # a uniform image stays uniform through resizing: exact 255 and 0 values
     assert channel_means[red_channel] == 255 and channel_means.sum() == 255
 
 
-def test_demo_cli_images_bad_inputs_and_json(tiny_config, tmp_path, repo_root):
+def test_visualization_demo_draws_image_and_frames(tiny_cfg, model_opts):
+    visualization = VisualizationDemo(
+        WSPredictor(tiny_cfg(*model_opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"))
+    )
+    image_bgr = synthetic_image()[:, :, ::-1]
+    predictions, drawn_rgb = visualization.run_on_image(image_bgr)
+    assert len(predictions["instances"]) > 0
+    assert drawn_rgb.shape == (72, 96, 3) and drawn_rgb.dtype == np.uint8
+    # drawing blends boxes, masks and labels into the image: far more than 1 level on average
+    assert np.abs(drawn_rgb.astype(int) - image_bgr[:, :, ::-1]).mean() > 1
+
+    drawn_frames = list(visualization.run_on_video(iter([image_bgr, image_bgr])))
+    assert len(drawn_frames) == 2 and all(len(p["instances"]) > 0 for p, _ in drawn_frames)
+    assert drawn_frames[0][1].shape == (72, 96, 3)
+    assert np.abs(drawn_frames[0][1].astype(int) - image_bgr).mean() > 1  # BGR, as the frames
+
+
+@pytest.mark.slow
+def test_demo_cli_images_bad_inputs_and_json(tiny_config, model_opts, tmp_path, repo_root):
     """The real command line: bad inputs are named in one line each, the rest is processed, exit 1."""
     from pycocotools.coco import COCO
 
@@ -125,7 +150,7 @@ def test_demo_cli_images_bad_inputs_and_json(tiny_config, tmp_path, repo_root):
     }
     (tmp_path / "ann.json").write_text(json.dumps(annotations))
     out, results = tmp_path / "out", tmp_path / "results.json"
-    command = [sys.executable, str(repo_root / "tools" / "demo.py"), "--config-file", str(tiny_config)]
+    command = [sys.executable, str(repo_root / "tools" / "demo.py"), "--config-file", tiny_config]
     command += ["--input", str(inputs), str(tmp_path / "missing.jpg"), "--output", str(out)]
     command += [
         "--confidence-threshold",
@@ -135,7 +160,7 @@ def test_demo_cli_images_bad_inputs_and_json(tiny_config, tmp_path, repo_root):
         "--coco-json",
         str(tmp_path / "ann.json"),
     ]
-    run = subprocess.run([*command, "--opts", "MODEL.DEVICE", "cpu"], capture_output=True, text=True)
+    run = subprocess.run([*command, "--opts", *model_opts], capture_output=True, text=True)
 
     assert run.returncode == 1, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
@@ -155,10 +180,22 @@ def test_demo_cli_images_bad_inputs_and_json(tiny_config, tmp_path, repo_root):
 def test_demo_names_missing_config_and_weights(demo, tiny_config, tmp_path, capsys):
     image = save(tmp_path / "a.png", synthetic_image())
     argv = ["--input", image, "--output", str(tmp_path / "out")]
-    assert demo.main(["--config-file", "nowhere/model.yaml", *argv]) == 2
-    assert capsys.readouterr().err.strip() == "error: config file not found: nowhere/model.yaml"
-    assert demo.main(["--config-file", str(tiny_config), *argv, "--opts", "MODEL.WEIGHTS", "gone.pth"]) == 2
-    assert capsys.readouterr().err.strip() == "error: MODEL.WEIGHTS file not found: gone.pth"
+    assert exit_status(demo, ["--config-file", "nowhere/model.yaml", *argv]) == 1
+    assert capsys.readouterr().err.strip() == "demo: error: config file not found: nowhere/model.yaml"
+    assert (
+        exit_status(demo, ["--config-file", tiny_config, *argv, "--opts", "MODEL.WEIGHTS", "gone.pth"]) == 1
+    )
+    assert capsys.readouterr().err.strip() == "demo: error: MODEL.WEIGHTS file not found: gone.pth"
+    video_argv = ["--video-input", str(tmp_path / "gone.mp4"), "--output", str(tmp_path / "drawn.mp4")]
+    assert exit_status(demo, ["--config-file", tiny_config, *video_argv]) == 1
+    assert capsys.readouterr().err.strip() == f"demo: error: video file not found: {tmp_path / 'gone.mp4'}"
+
+
+def test_demo_names_drawing_it_cannot_write(demo, tiny_config, tmp_path, capsys):
+    image = save(tmp_path / "a.png", synthetic_image())
+    argv = ["--config-file", tiny_config, "--input", image, "--output", str(tmp_path / "drawn.xyz")]
+    assert demo.main(argv) == 1
+    assert "drawn.xyz: cannot write the drawing of" in capsys.readouterr().err
 
 
 def write_video(path, fourcc, frames=5, size=(96, 72)):
@@ -186,22 +223,29 @@ def read_video(path):
 @pytest.mark.parametrize(
     "input_name, fourcc, output_name", [("clip.mp4", "mp4v", "drawn.avi"), ("c.avi", "MJPG", "d/")]
 )
-def test_demo_video(demo, tiny_config, tmp_path, input_name, fourcc, output_name):
+def test_demo_video(demo, tiny_config, model_opts, tmp_path, input_name, fourcc, output_name):
     video = write_video(tmp_path / input_name, fourcc)
     output = tmp_path / output_name
     argv = [
         "--config-file",
-        str(tiny_config),
+        tiny_config,
         "--video-input",
         str(video),
         "--output",
-        str(tmp_path) + "/" + output_name,
+        f"{tmp_path}/{output_name}",
     ]
-    assert demo.main([*argv, "--confidence-threshold", "0"]) == 0
+    assert demo.main([*argv, "--confidence-threshold", "0", "--opts", *model_opts]) == 0
     written = output if output.suffix else output / (video.stem + ".mp4")
     frames = read_video(written)
     assert len(frames) == 5 and frames[0].shape == (72, 96, 3)
+    # compression changes pixels by a level or two; drawn instances (all kept at threshold 0) by far more
     assert np.abs(frames[0].astype(int) - read_video(video)[0]).mean() > 1  # something was drawn
+
+
+def test_demo_refuses_video_output_it_cannot_write(demo, tiny_config, tmp_path, capsys):
+    argv = ["--config-file", tiny_config, "--webcam", "--output", str(tmp_path / "cam.mkv")]
+    assert exit_status(demo, argv) == 2  # a usage error, found before any camera or model is opened
+    assert "a video is written as .mp4 or .avi" in capsys.readouterr().err
 
 
 class FakeCamera:
@@ -223,28 +267,26 @@ class FakeCamera:
         self.frames = []
 
 
-def test_webcam_loop_with_fake_camera(demo, tiny_config, tmp_path, monkeypatch, capsys):
+def test_webcam_loop_with_fake_camera(demo, tiny_config, tiny_cfg, model_opts, tmp_path, monkeypatch, capsys):
     frames = [cv2.cvtColor(synthetic_image(), cv2.COLOR_RGB2BGR)] * 3
-    camera = open_camera(0, capture_factory=lambda index: FakeCamera(frames))
-    predictor = WSPredictor(load_inference_cfg(str(tiny_config), confidence_threshold=0.0))
+    predictor = WSPredictor(tiny_cfg(*model_opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"))
+    visualization = VisualizationDemo(predictor)
 
-    count = run_on_stream(predictor, camera, predictor.metadata, str(tmp_path / "cam.avi"), fps=10)
+    count = demo.run_on_video(visualization, FakeCamera(frames), str(tmp_path / "cam.avi"), fps=10)
     assert count == 3 and len(read_video(tmp_path / "cam.avi")) == 3
-    assert run_on_stream(predictor, iter(frames * 2), predictor.metadata, max_frames=4) == 4
-
-    with pytest.raises(CameraUnavailableError, match=r"no camera found: cv2.VideoCapture\(0\)"):
-        open_camera(0, capture_factory=lambda index: FakeCamera(None))
+    assert demo.run_on_video(visualization, iter(frames * 2), max_frames=4) == 4
 
     # The command line's --webcam path, with cv2's camera replaced.
-    argv = ["--config-file", str(tiny_config), "--webcam", "--output", str(tmp_path / "web")]
+    argv = ["--config-file", tiny_config, "--webcam", "--output", str(tmp_path / "web")]
     with monkeypatch.context() as patch:
         patch.setattr(cv2, "VideoCapture", lambda index: FakeCamera(frames))
-        assert demo.main([*argv, "--max-frames", "2"]) == 0
+        assert demo.main([*argv, "--max-frames", "2", "--opts", *model_opts]) == 0
     assert len(read_video(tmp_path / "web" / "webcam.mp4")) == 2
+    capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(cv2, "VideoCapture", lambda index: FakeCamera(None))
-        assert demo.main(argv) == 2
-    assert "error: no camera found" in capsys.readouterr().err
+        assert exit_status(demo, argv) == 1
+    assert capsys.readouterr().err.strip() == "demo: error: no camera found: cv2.VideoCapture(0) did not open"
 
 
 def test_without_output_or_display_asks_for_output(demo, tiny_config, tmp_path, monkeypatch, capsys):
@@ -252,5 +294,5 @@ def test_without_output_or_display_asks_for_output(demo, tiny_config, tmp_path, 
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
     image = save(tmp_path / "a.png", synthetic_image())
-    assert demo.main(["--config-file", str(tiny_config), "--input", image]) == 2
+    assert exit_status(demo, ["--config-file", tiny_config, "--input", image]) == 2
     assert "pass --output" in capsys.readouterr().err

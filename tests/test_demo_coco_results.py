@@ -1,4 +1,4 @@
-"""--json's COCO results: perfect predictions score AP 100 with pycocotools, worse ones less."""
+"""tools/demo.py --json's COCO results: perfect predictions score AP 100 with pycocotools, worse ones less."""
 
 import contextlib
 import io
@@ -12,11 +12,16 @@ from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ws_d2.inference import assign_image_ids, category_ids_for, instances_to_coco_results
+from ws_d2.errors import DatasetError
 
 # Data set category ids 3 and 7 (not contiguous, as in COCO) are the model's classes 0 and 1.
 METADATA_NAME = "ws_d2_test_coco_results"
 CATEGORY_IDS = {3: 0, 7: 1}
+
+
+@pytest.fixture(scope="module")
+def demo(load_tool):
+    return load_tool("demo")
 
 
 def square(x, y, size):
@@ -89,55 +94,67 @@ def average_precision(coco, results, iou_type):
     return 100 * evaluation.stats[0]
 
 
-def results_for(coco, category_ids, shift=0.0):
+def results_for(demo, coco, category_ids, shift=0.0):
     results = []
     for image_id in coco.getImgIds():
         instances = predictions_from_ground_truth(coco, image_id, shift)
-        results += instances_to_coco_results(instances, image_id, category_ids)
+        results += demo.instances_to_coco_results(instances, image_id, category_ids)
     return results
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_perfect_predictions_score_100_and_shifted_less(coco_ground_truth, iou_type):
+def test_perfect_predictions_score_100_and_shifted_less(demo, coco_ground_truth, iou_type):
     coco, _ = coco_ground_truth
-    category_ids = category_ids_for(MetadataCatalog.get(METADATA_NAME))
-    perfect = results_for(coco, category_ids)
+    category_ids = demo.category_ids_for(MetadataCatalog.get(METADATA_NAME))
+    perfect = results_for(demo, coco, category_ids)
     assert {r["category_id"] for r in perfect} == {3, 7}
     assert all(isinstance(r["segmentation"]["counts"], str) for r in perfect)
+    # every prediction equals its ground truth (IoU exactly 1): AP is 100 up to pycocotools' float sums
     assert average_precision(coco, perfect, iou_type) == pytest.approx(100.0)
 
-    shifted_ap = average_precision(coco, results_for(coco, category_ids, shift=6), iou_type)
+    # 6 px is a fifth to a third of the 16-36 px objects: IoU ~0.5-0.7 fails most of the 0.5:0.95
+    # thresholds and passes the lowest, so AP lands far from both bounds
+    shifted_ap = average_precision(coco, results_for(demo, coco, category_ids, shift=6), iou_type)
     assert 0 < shifted_ap < 90
 
 
-def test_category_ids_need_the_metadata_mapping(coco_ground_truth):
+def test_category_ids_need_the_metadata_mapping(demo, coco_ground_truth):
     coco, _ = coco_ground_truth
-    unmapped = results_for(coco, category_ids=None)  # the model's 0/1, which are not the data set's ids
+    unmapped = results_for(demo, coco, category_ids=None)  # the model's 0/1, which are not the data set's ids
     assert {r["category_id"] for r in unmapped} == {0, 1}
     assert average_precision(coco, unmapped, "bbox") == 0
+    with pytest.raises(DatasetError, match="the model's class 1 has no COCO category id"):
+        results_for(demo, coco, category_ids={3: 0})
 
 
-def test_boxes_are_xywh(coco_ground_truth):
+def test_boxes_are_xywh(demo, coco_ground_truth):
     coco, _ = coco_ground_truth
-    result = results_for(coco, CATEGORY_IDS)[0]
+    result = results_for(demo, coco, CATEGORY_IDS)[0]
+    # integer pixel coordinates, exact in float32
     assert result["bbox"] == pytest.approx(coco.loadAnns(coco.getAnnIds(imgIds=[1]))[0]["bbox"])
 
 
-def test_image_ids(coco_ground_truth):
+def test_image_ids(demo, coco_ground_truth, tmp_path):
     _, annotation_file = coco_ground_truth
-    assert assign_image_ids(["a/000000000139.jpg", "b/42.png"]) == {"a/000000000139.jpg": 139, "b/42.png": 42}
-    assert assign_image_ids(["x/cat.jpg", "x/7.jpg"]) == {"x/cat.jpg": 1, "x/7.jpg": 2}
-    assert assign_image_ids(["d/img2.png"], str(annotation_file)) == {"d/img2.png": 2}
-    with pytest.raises(ValueError, match="lists no image named img9.png"):
-        assign_image_ids(["d/img2.png", "d/img9.png"], str(annotation_file))
+    assert demo.assign_image_ids(["a/000000000139.jpg", "b/42.png"]) == {
+        "a/000000000139.jpg": 139,
+        "b/42.png": 42,
+    }
+    assert demo.assign_image_ids(["x/cat.jpg", "x/7.jpg"]) == {"x/cat.jpg": 1, "x/7.jpg": 2}
+    assert demo.assign_image_ids(["d/img2.png"], str(annotation_file)) == {"d/img2.png": 2}
+    with pytest.raises(DatasetError, match="lists no image named img9.png"):
+        demo.assign_image_ids(["d/img2.png", "d/img9.png"], str(annotation_file))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(DatasetError, match=r"list\.json: not a COCO annotation file"):
+        demo.assign_image_ids(["d/img2.png"], str(tmp_path / "list.json"))
 
 
-def test_category_ids_from_metadata_or_annotation_file(coco_ground_truth):
+def test_category_ids_from_metadata_or_annotation_file(demo, coco_ground_truth):
     _, annotation_file = coco_ground_truth
-    assert category_ids_for(MetadataCatalog.get(METADATA_NAME)) == CATEGORY_IDS
+    assert demo.category_ids_for(MetadataCatalog.get(METADATA_NAME)) == CATEGORY_IDS
     # Names only (a set registered before detectron2 loaded it): the annotation file decides, in
     # detectron2's order, so the results score against that file.
     names_only = MetadataCatalog.get("ws_d2_test_names_only")
     names_only.thing_classes = ["cat", "dog"]
-    assert category_ids_for(names_only, str(annotation_file)) == CATEGORY_IDS
-    assert category_ids_for(names_only) is None
+    assert demo.category_ids_for(names_only, str(annotation_file)) == CATEGORY_IDS
+    assert demo.category_ids_for(names_only) is None

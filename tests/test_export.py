@@ -12,54 +12,43 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
-from ws_d2.inference import WSPredictor, export_stock_model, load_inference_cfg, stock_config
+from ws_d2.errors import CheckpointError, ConfigError
+from ws_d2.export import export_stock_model, stock_config
 from ws_d2.modeling import count_ws_convs
+from ws_d2.predictor import WSPredictor
 
-TINY_MODEL_YAML = """
-_BASE_: "{base}"
-MODEL:
-  DEVICE: cpu
-  WEIGHTS: ""
-  MASK_ON: True
-  RESNETS: {{DEPTH: {depth}, RES2_OUT_CHANNELS: {res2}}}
-  FPN: {{OUT_CHANNELS: 64}}
-  RPN: {{PRE_NMS_TOPK_TEST: 100, POST_NMS_TOPK_TEST: 50}}
-  ROI_HEADS: {{NUM_CLASSES: 3, SCORE_THRESH_TEST: 0.0}}
-  ROI_BOX_HEAD: {{CONV_DIM: 64, FC_DIM: 128}}
-  ROI_MASK_HEAD: {{CONV_DIM: 64}}
-INPUT: {{MIN_SIZE_TEST: 96, MAX_SIZE_TEST: 128}}
-TEST: {{DETECTIONS_PER_IMAGE: 5}}
-"""
+# The tiny model at 96-128 px (room for the RPN) keeping every detection (threshold 0) up to 5 per image.
+EXPORT_OPTS = [
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128",
+    "TEST.DETECTIONS_PER_IMAGE", "5",
+]  # fmt: skip
+R50_OPTS = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
 
 
-def write_tiny_config(directory, repo_root, depth=18, with_weights=True):
-    """A small GN+WS Mask R-CNN config on the seed models' base config (random weights, 96 px inputs).
+@pytest.fixture(scope="module")
+def trained_cfg(tiny_cfg, tmp_path_factory):
+    """`trained_cfg(depth=18)`: the tiny model's config (R-18, or R-50) whose MODEL.WEIGHTS names random
+    weights, saved once per depth, so that every model built from it holds the same weights."""
+    from detectron2.modeling import build_model
 
-    With `with_weights`, a random initialization is saved and named by MODEL.WEIGHTS, so every model
-    built from the config holds the same weights."""
-    config_file = directory / f"tiny_r{depth}.yaml"
-    base = (repo_root / "configs" / "Base-GN-WS-RCNN-FPN.yaml").as_posix()
-    config_file.write_text(TINY_MODEL_YAML.format(base=base, depth=depth, res2=64 if depth < 50 else 256))
-    if with_weights:
-        from detectron2.modeling import build_model
+    directory, weights = tmp_path_factory.mktemp("weights"), {}
 
-        torch.manual_seed(0)
-        model = build_model(load_inference_cfg(str(config_file)))
-        weights = directory / f"tiny_r{depth}_random.pth"
-        torch.save({"model": model.state_dict()}, weights)
-        text = config_file.read_text().replace('WEIGHTS: ""', f'WEIGHTS: "{weights.as_posix()}"')
-        config_file.write_text(text)
-    return config_file
+    def make(depth=18):
+        opts = [*EXPORT_OPTS, *(R50_OPTS if depth == 50 else [])]
+        if depth not in weights:
+            torch.manual_seed(0)
+            weights[depth] = str(directory / f"tiny_r{depth}_random.pth")
+            torch.save({"model": build_model(tiny_cfg(*opts)).state_dict()}, weights[depth])
+        return tiny_cfg(*opts, "MODEL.WEIGHTS", weights[depth], freeze=True)
+
+    return make
 
 
-def test_image(height=80, width=112, seed=0):
+def random_image(height=80, width=112, seed=0):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     image[20:60, 30:80] = (40, 200, 90)  # some structure for the RPN to find
     return image
-
-
-test_image.__test__ = False  # a helper, not a test
 
 
 def outputs_of(instances):
@@ -73,6 +62,10 @@ def outputs_of(instances):
 
 
 def assert_same_outputs(actual, expected, atol=1e-4):
+    """The same instances in the same order. The three models convolve with the same W_hat values (the WS
+    model computes W_hat as fold_ws stores it), so on one machine their outputs are bitwise equal (measured
+    with ATEN_CPU_CAPABILITY default and avx2). atol 1e-4 (px, score, mask 0/1) only absorbs a kernel
+    that sums in another order (~1e-5 px on <= 128 px boxes); another instance or mask pixel is far more."""
     assert len(expected["scores"]) > 0
     for key, value in expected.items():
         assert actual[key].shape == value.shape, key
@@ -80,20 +73,23 @@ def assert_same_outputs(actual, expected, atol=1e-4):
 
 
 @pytest.mark.parametrize("depth", [18, 50])
-def test_folded_model_matches_ws_model(tmp_path, repo_root, depth):
-    cfg = load_inference_cfg(str(write_tiny_config(tmp_path, repo_root, depth)))
+def test_folded_model_matches_ws_model(trained_cfg, depth):
+    cfg = trained_cfg(depth)
     ws_predictor, folded_predictor = WSPredictor(cfg), WSPredictor(cfg, fold=True)
     assert count_ws_convs(ws_predictor.model) == {18: 20, 50: 53}[depth] + 8 + 4 + 4  # backbone, FPN, heads
     assert count_ws_convs(folded_predictor.model) == 0
-    image = test_image()
-    with torch.no_grad():
-        expected = outputs_of(ws_predictor(image)["instances"])
-        assert_same_outputs(outputs_of(folded_predictor(image)["instances"]), expected)
+    image = random_image()
+    expected = outputs_of(ws_predictor(image)["instances"])
+    assert_same_outputs(outputs_of(folded_predictor(image)["instances"]), expected)
 
 
-def test_stock_config_has_only_detectron2_names_and_keys(tmp_path, repo_root):
-    cfg = load_inference_cfg(str(write_tiny_config(tmp_path, repo_root, with_weights=False)))
-    stock = stock_config(cfg)
+def test_predictor_names_missing_weights_file(tiny_cfg):
+    with pytest.raises(CheckpointError, match="^MODEL.WEIGHTS file not found: nowhere/model.pth$"):
+        WSPredictor(tiny_cfg("MODEL.WEIGHTS", "nowhere/model.pth"))
+
+
+def test_stock_config_has_only_detectron2_names_and_keys(tiny_cfg):
+    stock = stock_config(tiny_cfg())
     assert stock.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
     assert stock.MODEL.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead"
     assert stock.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead"
@@ -103,7 +99,7 @@ def test_stock_config_has_only_detectron2_names_and_keys(tmp_path, repo_root):
     assert stock.MODEL.RESNETS.DEPTH == 18 and stock.MODEL.FPN.NORM == "GN"  # the rest is kept
 
 
-def test_stock_config_refuses_ws_component_without_stock_twin(tmp_path, repo_root):
+def test_stock_config_refuses_ws_component_without_stock_twin(tiny_cfg):
     from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 
     from ws_d2.modeling.heads import WSFastRCNNConvFCHead
@@ -113,23 +109,21 @@ def test_stock_config_refuses_ws_component_without_stock_twin(tmp_path, repo_roo
 
     if "UnmappedWSHead" not in ROI_BOX_HEAD_REGISTRY:
         ROI_BOX_HEAD_REGISTRY.register(UnmappedWSHead)
-    cfg = load_inference_cfg(str(write_tiny_config(tmp_path, repo_root, with_weights=False)))
-    cfg.defrost()
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "UnmappedWSHead"
-    with pytest.raises(ValueError, match="UnmappedWSHead is a ws_d2 component"):
-        stock_config(cfg)
+    with pytest.raises(ConfigError, match="UnmappedWSHead is a ws_d2 component"):
+        stock_config(tiny_cfg("MODEL.ROI_BOX_HEAD.NAME", "UnmappedWSHead"))
 
 
-# Runs with detectron2 alone: ws_d2's compat fixes are loaded from their file (detectron2 v0.6 does not
-# import on today's numpy/Pillow without them) but the ws_d2 package is never imported.
+# Runs with detectron2 alone. detectron2 v0.6 does not import on today's numpy/Pillow without ws_d2's
+# fixes, so ws_d2/backports.py (and the errors module it imports) is loaded from its file as a module of
+# another package: the ws_d2 package itself is never imported.
 STOCK_DEPLOYMENT_SCRIPT = textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import importlib, json, sys, types
     import numpy as np
-    spec = importlib.util.spec_from_file_location("detectron2_compat_fixes", sys.argv[1])
-    fixes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixes)
-    fixes.apply_all()
+    fixes_package = types.ModuleType("detectron2_fixes")
+    fixes_package.__path__ = [sys.argv[1]]
+    sys.modules["detectron2_fixes"] = fixes_package
+    importlib.import_module("detectron2_fixes.backports").apply_all()
 
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultPredictor
@@ -151,17 +145,17 @@ STOCK_DEPLOYMENT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_stock_gn_model_from_export_matches_without_ws_d2(tmp_path, repo_root):
-    cfg = load_inference_cfg(str(write_tiny_config(tmp_path, repo_root)))
+def test_stock_gn_model_from_export_matches_without_ws_d2(trained_cfg, tmp_path, repo_root):
+    cfg = trained_cfg()
     checkpoint, config_file = export_stock_model(cfg, str(tmp_path / "export" / "model_stock.pth"))
     assert config_file == str(tmp_path / "export" / "model_stock.yaml")
     text = open(config_file).read()
     assert not [name for name in ("WS:", "build_ws", "WSFast", "WSMask") if name in text]
+    assert torch.load(checkpoint, weights_only=True)["model"]  # plain tensors: loads without unpickling code
 
-    image = test_image()
+    image = random_image()
     np.save(tmp_path / "image.npy", image)
-    with torch.no_grad():
-        expected = outputs_of(WSPredictor(cfg)(image)["instances"])
+    expected = outputs_of(WSPredictor(cfg)(image)["instances"])
 
     # In this process: detectron2's stock model from the exported config and checkpoint.
     stock_cfg = get_cfg()
@@ -171,8 +165,7 @@ def test_stock_gn_model_from_export_matches_without_ws_d2(tmp_path, repo_root):
     # In a process without ws_d2.
     script = tmp_path / "deploy.py"
     script.write_text(STOCK_DEPLOYMENT_SCRIPT)
-    compat_file = repo_root / "ws_d2" / "compat.py"
-    args = [sys.executable, str(script), str(compat_file), config_file, str(tmp_path / "image.npy")]
+    args = [sys.executable, str(script), str(repo_root / "ws_d2"), config_file, str(tmp_path / "image.npy")]
     run = subprocess.run([*args, str(tmp_path / "stock.npz")], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     module_types = json.loads(run.stdout.strip().splitlines()[-1])
@@ -180,20 +173,31 @@ def test_stock_gn_model_from_export_matches_without_ws_d2(tmp_path, repo_root):
     assert_same_outputs(dict(np.load(tmp_path / "stock.npz")), expected)
 
 
-def test_export_cli(tmp_path, repo_root, capsys):
-    from tool_loading import load_tool
+def export_status(export_tool, argv):
+    """Run tools/export_model.py as its command line does: its exit status."""
+    try:
+        return export_tool.main(argv)
+    except SystemExit as exit_info:  # argparse's usage error
+        return exit_info.code
 
-    export_tool = load_tool(repo_root, "export_model")
-    config_file = write_tiny_config(tmp_path, repo_root, with_weights=False)
-    argv = ["--config-file", str(config_file), "--output", str(tmp_path / "m.pth")]
-    assert export_tool.main([*argv, "--opts", "MODEL.WEIGHTS", "nowhere/model.pkl"]) == 2
-    assert "MODEL.WEIGHTS file not found: nowhere/model.pkl" in capsys.readouterr().err
-    assert export_tool.main([*argv[:-1], str(tmp_path / "m.pkl")]) == 2
+
+def test_export_cli(load_tool, tiny_config, trained_cfg, tmp_path, capsys):
+    export_tool = load_tool("export_model")
+    argv = ["--config-file", tiny_config, "--output", str(tmp_path / "m.pth")]
+    assert export_status(export_tool, [*argv, "--opts", "MODEL.WEIGHTS", "nowhere/model.pkl"]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == "export_model: error: MODEL.WEIGHTS file not found: nowhere/model.pkl"
+    )
+    assert export_status(export_tool, [*argv[:-1], str(tmp_path / "m.pkl")]) == 1
     assert "must be a .pth file" in capsys.readouterr().err
-    assert export_tool.main(argv) == 2  # the tiny config names no weights
+    assert export_status(export_tool, argv) == 1  # the tiny config names no weights
     assert "MODEL.WEIGHTS is empty" in capsys.readouterr().err
+    assert export_status(export_tool, ["--config-file", "nowhere.yaml", "--output", "m.pth"]) == 1
+    assert capsys.readouterr().err.strip() == "export_model: error: config file not found: nowhere.yaml"
     assert not (tmp_path / "m.pth").exists()
 
-    trained = write_tiny_config(tmp_path, repo_root)
-    assert export_tool.main(["--config-file", str(trained), "--output", str(tmp_path / "out" / "m.pth")]) == 0
-    assert (tmp_path / "out" / "m.pth").is_file() and (tmp_path / "out" / "m.yaml").is_file()
+    weights = trained_cfg().MODEL.WEIGHTS
+    output = tmp_path / "out" / "m.pth"
+    assert export_tool.main([*argv[:-1], str(output), "--opts", "MODEL.WEIGHTS", weights]) == 0
+    assert output.is_file() and (tmp_path / "out" / "m.yaml").is_file()

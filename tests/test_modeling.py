@@ -7,8 +7,8 @@ import torch
 from detectron2.layers import Conv2d
 from detectron2.modeling import build_backbone, build_model
 
-from ws_d2.benchmark import synthetic_batch
 from ws_d2.config import get_ws_cfg
+from ws_d2.data import synthetic_batch
 from ws_d2.layers import WSConv2d
 from ws_d2.modeling import count_ws_convs, fold_ws
 

@@ -6,20 +6,21 @@ import signal
 import subprocess
 import time
 
-from training_support import make_tiny_dataset, synthetic_dataset_args, train_net
+import pytest
 
 from ws_d2.checkpoint import load_checkpoint_file
+
+pytestmark = pytest.mark.slow
 
 MAX_ITER = 8
 OPTS = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "1",
         "DATASETS.TEST", "()"]  # fmt: skip
 
 
-def start(flags, output_dir, log_path):
-    log = open(log_path, "w")
-    process = train_net(flags, OPTS + ["OUTPUT_DIR", str(output_dir)], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    return process
+def start(start_train_net, flags, opts, output_dir, log_path):
+    with open(log_path, "w") as log:
+        args = [*flags, *opts, *OPTS, "OUTPUT_DIR", str(output_dir)]
+        return start_train_net(args, stdout=log, stderr=subprocess.STDOUT)
 
 
 def kill_when(process, condition, timeout=600):
@@ -43,10 +44,8 @@ def checkpoints(output_dir):
     return sorted(p for p in os.listdir(output_dir) if re.fullmatch(r"model_\d+\.pth", p))
 
 
-def test_resume_after_sigkill_at_several_moments(tmp_path):
-    data = tmp_path / "data"
-    make_tiny_dataset(data, "resume", num_train=4)
-    flags = synthetic_dataset_args(str(data))
+def test_resume_after_sigkill_at_several_moments(tmp_path, tiny_dataset, start_train_net):
+    data_opts, flags = tiny_dataset(tmp_path / "data", "resume", num_train=4)
     output = tmp_path / "output"
     output.mkdir()
     moments = [
@@ -60,12 +59,15 @@ def test_resume_after_sigkill_at_several_moments(tmp_path):
     resumed_from = None
     for index, moment in enumerate(moments):
         log_path = tmp_path / f"run{index}.log"
-        kill_when(start(flags + (["--resume"] if index else []), output, log_path), moment)
+        kill_when(
+            start(start_train_net, flags + (["--resume"] if index else []), data_opts, output, log_path),
+            moment,
+        )
         if resumed_from is not None:
             assert_resumed_from(log_path, *resumed_from)
         resumed_from = last_complete_checkpoint(output)
     log_path = tmp_path / "final.log"
-    process = start(flags + ["--resume"], output, log_path)
+    process = start(start_train_net, flags + ["--resume"], data_opts, output, log_path)
     assert process.wait(timeout=600) == 0, log_path.read_text()[-3000:]
     assert_resumed_from(log_path, *resumed_from)
     name, iteration = last_complete_checkpoint(output)

@@ -315,3 +315,12 @@ def test_bf16_weights_get_fp32_statistics():
     assert out.dtype == torch.bfloat16
     expected = reference_ws(weight)
     torch.testing.assert_close(out.double(), expected, rtol=0.02, atol=0.02)
+
+
+def test_empty_input_as_detectron2_conv2d():
+    # detectron2's Conv2d accepts an empty batch, but refuses it in training when its norm is SyncBatchNorm
+    conv = WSConv2d(4, 8, 3, padding=1, norm=torch.nn.GroupNorm(2, 8))
+    assert conv(torch.zeros(0, 4, 5, 5)).shape == (0, 8, 5, 5)
+    sync = WSConv2d(4, 8, 3, padding=1, norm=torch.nn.SyncBatchNorm(8))
+    with pytest.raises(AssertionError, match="SyncBatchNorm does not support empty inputs"):
+        sync(torch.zeros(0, 4, 5, 5))

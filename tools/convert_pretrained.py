@@ -16,9 +16,12 @@ Exit status: 0 converted, 1 refused (the message names the keys), 2 usage error.
 import argparse
 import sys
 
-import ws_d2  # noqa: F401  (compat fixes and registration before detectron2 is used)
-from ws_d2.checkpoint import CheckpointError
-from ws_d2.checkpoint.convert import SOURCES, convert_checkpoint
+import ws_d2  # noqa: F401  (first: it fixes detectron2 v0.6 for today's libraries)
+
+# isort: split
+from ws_d2.checkpoint import convert_checkpoint
+from ws_d2.checkpoint.convert import SOURCES
+from ws_d2.errors import command_line
 
 
 def get_parser():
@@ -32,13 +35,10 @@ def get_parser():
     return parser
 
 
+@command_line("convert_pretrained")
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    try:
-        report = convert_checkpoint(args.src, args.dst, source=args.source, config_file=args.config_file)
-    except (CheckpointError, OSError) as e:
-        print(f"convert_pretrained: error: {e}", file=sys.stderr)
-        return 1
+    report = convert_checkpoint(args.src, args.dst, source=args.source, config_file=args.config_file)
     print(report.summary())
     print(f"wrote {args.dst}")
     return 0

@@ -6,14 +6,19 @@
 Writes export/model_stock.pth and export/model_stock.yaml. Deploy with detectron2 alone:
   cfg = get_cfg(); cfg.merge_from_file("export/model_stock.yaml")
   model = build_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+Exit status: 0 done, 1 refused or failed (missing config or weights, a component with no stock twin), 2 usage error.
 """
 
 import argparse
 import sys
 
-import ws_d2  # noqa: F401  (compat fixes and registration before detectron2 is used)
-from ws_d2.checkpoint import CheckpointError
-from ws_d2.inference import export_stock_model, load_inference_cfg
+import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
+
+# isort: split
+from detectron2.utils.logger import setup_logger
+
+from ws_d2.errors import command_line
+from ws_d2.export import export_stock_model
 
 
 def get_parser():
@@ -28,18 +33,13 @@ def get_parser():
     return parser
 
 
+@command_line("export_model")
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    from detectron2.utils.logger import setup_logger
-
     setup_logger(name="fvcore")
     setup_logger()
-    try:
-        cfg = load_inference_cfg(args.config_file, args.opts)
-        checkpoint, config = export_stock_model(cfg, args.output)
-    except (FileNotFoundError, ValueError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = ws_d2.load_config(args.config_file, args.opts)
+    checkpoint, config = export_stock_model(cfg, args.output)
     print(f"wrote {checkpoint} and {config} (detectron2's stock GN model, WS folded into the weights)")
     return 0
 

@@ -9,8 +9,8 @@ before anything else exists.
 detectron2 on PyPI is `pb1-detectron2==0.6`, an sdist of v0.6's Python sources without `layers/csrc`:
 its setup.py imports torch at build time and tries to compile the missing C++ files. We download the
 sdist, empty its extension list, install its bundled model-zoo YAMLs as package data, and install it
-with --no-deps (its metadata pins black==21.4b2, a dev tool). ws_d2/compat.py fills in what the
-missing `detectron2._C` and today's libraries take away.
+with --no-deps, without the requirements only caffe2 and its formatter need (future, pydot, black).
+ws_d2/backports.py fills in what the missing `detectron2._C` and today's libraries take away.
 """
 
 import argparse
@@ -63,7 +63,11 @@ def patch_detectron2_setup(setup_py: Path):
         'package_data={"detectron2.model_zoo": get_model_zoo_configs()},',
         'package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]},',
     )
-    if "ext_modules=[]," not in text or '"configs/**/*.yaml"' not in text:
+    # caffe2's helpers (future, pydot) and a pinned formatter (black) are not needed at run time; left in,
+    # pip reports them as missing dependencies after every later install
+    for requirement in ('"future",', '"pydot",', '"black==21.4b2",'):
+        text = text.replace(requirement, "", 1)
+    if "ext_modules=[]," not in text or '"configs/**/*.yaml"' not in text or '"pydot"' in text:
         raise SetupStepFailed("set-up step 'patch detectron2 setup.py' failed: its layout changed")
     setup_py.write_text(text)
 

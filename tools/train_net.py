@@ -1,9 +1,103 @@
 #!/usr/bin/env python
-"""Train or evaluate a GN+WS detector: detectron2's train_net command line, plus --coco-dataset and
---num-cpu-procs (see `--help`). The logic lives in ws_d2.engine.cli."""
+"""Train or evaluate a GN+WS detector with detectron2's train_net command line, plus:
 
-import ws_d2  # noqa: F401  (compat fixes and registration before detectron2 is used)
-from ws_d2.engine.cli import run_cli
+  --coco-dataset NAME JSON IMAGE_DIR   register a COCO-format instances set (repeatable; before KEY VALUE opts),
+                                       then use it: DATASETS.TRAIN "('NAME',)" DATASETS.TEST "('NAME',)"
+  --num-cpu-procs N                    N data-parallel processes on the CPU (Gloo) instead of GPUs
+  SOLVER.ITER_SIZE K                   K micro-batches per optimizer step (IMS_PER_BATCH images per step)
+
+Under torchrun (env:// variables set) the process counts come from torchrun. Bad input (unknown config key,
+missing or malformed data set, wrong NUM_CLASSES, a batch that does not divide, missing weights) is refused in
+one line before any worker starts. Exit status: 0 done, 1 refused or failed, 2 usage error.
+"""
+
+import argparse
+import os
+import sys
+
+import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
+
+# isort: split
+import torch
+from detectron2.engine import default_argument_parser, default_setup
+
+from ws_d2.checkpoint import WSCheckpointer
+from ws_d2.data import check_datasets, register_coco_dataset
+from ws_d2.engine import WSTrainer, check_trainable, launch, launched_by_torchrun
+from ws_d2.errors import ConfigError, command_line
+
+
+def get_parser():
+    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--coco-dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"),
+                        help="register a COCO-format instances data set under NAME (repeatable)")  # fmt: skip
+    parser.add_argument("--num-cpu-procs", type=int, default=0, metavar="N",
+                        help="train with N processes per machine on the CPU (Gloo backend); overrides --num-gpus")  # fmt: skip
+    return parser
+
+
+def setup(args):
+    """The frozen config: ws_d2's defaults, the config file, the KEY VALUE overrides."""
+    for name, json_file, image_dir in args.coco_dataset:
+        register_coco_dataset(name, json_file, image_dir)
+    cfg = ws_d2.load_config(args.config_file, args.opts, freeze=False)
+    if args.num_cpu_procs or (cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()):
+        cfg.MODEL.DEVICE = "cpu"  # detectron2 defaults to "cuda"; a CPU-only machine trains on the CPU
+    cfg.freeze()
+    return cfg
+
+
+def check(args):
+    """Everything that can be checked before starting workers, in this process."""
+    if not args.num_cpu_procs and args.num_gpus > 1 and not torch.cuda.is_available():
+        raise ConfigError(f"--num-gpus {args.num_gpus} but CUDA is not available; use --num-cpu-procs N")
+    cfg = setup(args)
+    world_size = (
+        int(os.environ["WORLD_SIZE"])
+        if launched_by_torchrun()
+        else args.num_machines * (args.num_cpu_procs or args.num_gpus)
+    )
+    if not args.eval_only:
+        check_trainable(cfg, world_size)
+    check_datasets(cfg, train=not args.eval_only)
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    weights = cfg.MODEL.WEIGHTS
+    if weights and not resuming and "://" not in weights and not os.path.isfile(weights):
+        raise ConfigError(
+            f"MODEL.WEIGHTS file not found: {weights} (convert the ImageNet weights first, see MODEL_ZOO.md, or set "
+            "MODEL.WEIGHTS '' to start from random weights)"
+        )
+
+
+def main(args):
+    """One worker: set up, then evaluate (--eval-only) or train. Returns the evaluation results, if any."""
+    cfg = setup(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = WSTrainer.build_model(cfg)
+        WSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return WSTrainer.test(cfg, model)
+    trainer = WSTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+@command_line("train_net")
+def run(argv=None):
+    args = get_parser().parse_args(argv)
+    check(args)
+    launch(
+        main,
+        args.num_cpu_procs or args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        use_cuda=not args.num_cpu_procs and torch.cuda.is_available(),
+    )
+    return 0
+
 
 if __name__ == "__main__":
-    run_cli()
+    sys.exit(run())

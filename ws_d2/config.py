@@ -1,8 +1,13 @@
-"""ws_d2's config keys. Call `add_ws_config(cfg)` before `cfg.merge_from_file(...)`."""
+"""ws_d2's config keys, and the one way to read a config file into a ws_d2 config."""
+
+import os
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
-__all__ = ["add_ws_config", "get_ws_cfg"]
+from .errors import ConfigError, one_line
+
+__all__ = ["add_ws_config", "get_ws_cfg", "load_config"]
 
 
 def add_ws_config(cfg):
@@ -21,6 +26,27 @@ def add_ws_config(cfg):
 
 def get_ws_cfg():
     """detectron2's default config with ws_d2's keys added."""
-    from detectron2.config import get_cfg
-
     return add_ws_config(get_cfg())
+
+
+def load_config(config_file, opts=(), freeze=True):
+    """ws_d2's defaults, then `config_file`, then the `KEY VALUE` overrides in `opts`.
+
+    Raises ConfigError with one line naming the file or key for a missing or unreadable file, an unknown
+    key or a bad value.
+    """
+    cfg = get_ws_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            cfg.merge_from_file(config_file)
+        except Exception as e:  # yaml syntax, unknown key, bad value: yacs raises many types
+            raise ConfigError(f"{config_file}: {one_line(e)}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except Exception as e:
+        raise ConfigError(f"config override: {one_line(e)}") from None
+    if freeze:
+        cfg.freeze()
+    return cfg

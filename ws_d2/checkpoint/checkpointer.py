@@ -1,64 +1,54 @@
 """WSCheckpointer: detectron2's DetectionCheckpointer that reads files safely and saves atomically.
 
-- Reading: detectron2 v0.6 unpickles ``.pkl`` files with plain ``pickle.load`` (a crafted file runs code) and
-  fvcore reads everything else with ``torch.load``. Here both go through ``ws_d2.checkpoint.safe_load``, while
-  detectron2's own logic (Detectron ``.pkl`` name-matching heuristics, ``{"model": ...}`` wrapping, pycls
-  ``.pyth``) still runs unchanged.
+- Reading: detectron2 unpickles ``.pkl`` files with plain ``pickle.load`` (a crafted file runs code) and
+  ``.pyth`` with ``torch.load``. Here every file is read by ``load_checkpoint_file`` (plain data only), and
+  DetectionCheckpointer's rules for what it read (Detectron ``.pkl`` blobs, pycls ``.pyth``, a bare
+  state_dict) are applied to the result.
 - Saving: fvcore writes the checkpoint and then ``last_checkpoint`` in place, so a process killed mid-save
   leaves a truncated file that ``last_checkpoint`` may name. Here each file is written to a temporary file in
-  the same directory, flushed, fsynced and renamed over the target (``os.replace`` is atomic on POSIX and
-  Windows), so a reader sees either the old file or the complete new one.
+  the same directory and renamed over the target, so a reader sees either the old file or the new one.
 """
 
 import contextlib
 import os
-import tempfile
-import threading
-import types
+import secrets
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.checkpoint import detection_checkpoint as _d2_checkpoint_module
-from fvcore.common.checkpoint import Checkpointer
 
-from .safe_load import load_checkpoint_file, load_pickle_stream, load_torch_stream
+from ..errors import CheckpointError
+from .safe_load import load_checkpoint_file
 
 __all__ = ["WSCheckpointer", "atomic_write"]
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temporary file next to ``path``; on a clean exit, fsync it and rename it over ``path``.
 
-    On an exception (or a kill) ``path`` keeps its previous content; the temporary file is removed
-    on an exception (a kill leaves a ``.<name>.*.tmp`` file that no reader looks at).
+    On an exception (or a kill) ``path`` keeps its previous content; the temporary file is removed on an
+    exception (a kill leaves a ``.<name>.*.tmp`` file that no reader looks at).
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    # created like any new file (mode 0666 less the umask), never over an existing one
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
         raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory):
-    # Makes the rename itself durable across a power loss; not possible on every OS / filesystem.
+    # makes the rename itself durable across a power loss; not possible on every OS / filesystem
     with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
+        directory_fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.fsync(directory_fd)
         finally:
-            os.close(fd)
+            os.close(directory_fd)
 
 
 class _AtomicWritesPathManager:
@@ -80,36 +70,11 @@ class _AtomicWritesPathManager:
         return getattr(self._path_manager, name)
 
 
-class _SafeFileReading(Checkpointer):
-    """Replaces fvcore's plain ``torch.load`` (the last step of DetectionCheckpointer._load_file)."""
-
-    def _load_file(self, filename):
-        return load_checkpoint_file(filename)
-
-
-_D2_READERS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _detectron2_reads_safely():
-    """detectron2 v0.6 reads ``.pkl`` with ``pickle.load`` and ``.pyth`` with ``torch.load``, both looked up in
-    its module's globals: point those two names at the safe readers while its ``_load_file`` runs."""
-    safe_pickle = types.SimpleNamespace(load=load_pickle_stream)
-    safe_torch = types.SimpleNamespace(load=lambda f, **_: load_torch_stream(f))
-    with _D2_READERS_LOCK:
-        saved = _d2_checkpoint_module.pickle, _d2_checkpoint_module.torch
-        _d2_checkpoint_module.pickle, _d2_checkpoint_module.torch = safe_pickle, safe_torch
-        try:
-            yield
-        finally:
-            _d2_checkpoint_module.pickle, _d2_checkpoint_module.torch = saved
-
-
-class WSCheckpointer(DetectionCheckpointer, _SafeFileReading):
+class WSCheckpointer(DetectionCheckpointer):
     """A DetectionCheckpointer (same constructor, same loading rules) that never runs code from a file and
     whose ``save()`` never leaves a truncated checkpoint or ``last_checkpoint`` behind.
 
-    Errors reading a file are ``ws_d2.checkpoint.CheckpointError`` subclasses with a one-line message.
+    A file that cannot be read safely raises ``ws_d2.errors.CheckpointError`` with a one-line message.
     """
 
     def __init__(self, model, save_dir="", **kwargs):
@@ -117,5 +82,18 @@ class WSCheckpointer(DetectionCheckpointer, _SafeFileReading):
         self.path_manager = _AtomicWritesPathManager(self.path_manager)
 
     def _load_file(self, filename):
-        with _detectron2_reads_safely():
-            return super()._load_file(filename)
+        data = load_checkpoint_file(filename)
+        if filename.endswith(".pkl"):
+            if "model" in data and "__author__" in data:  # detectron2's own .pkl format
+                self.logger.info(f"Reading a file from '{data['__author__']}'")
+                return data
+            # Detectron / Caffe2 model zoo: detection models keep their weights under "blobs"
+            blobs = data.get("blobs", data)
+            weights = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+            return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth"):  # pycls
+            if "model_state" not in data:
+                raise CheckpointError(f"{filename}: a pycls .pyth checkpoint must contain 'model_state'")
+            weights = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": weights, "__author__": "pycls", "matching_heuristics": True}
+        return data if "model" in data else {"model": data}

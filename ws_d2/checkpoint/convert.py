@@ -6,22 +6,24 @@ One function per source layout (rename tables in ``layouts.py``):
   copies) -> the backbone of a ws_d2 model (``backbone.bottom_up.*`` for the FPN seed configs);
 - ``convert_mmdet_checkpoint``: MMDetection's trained GN+WS Faster/Mask R-CNN -> a full ws_d2 model;
 - ``convert_torchvision_checkpoint``: a torchvision (BatchNorm) ResNet -> the backbone of a BatchNorm config.
-  A GN target is refused: BatchNorm statistics have no GroupNorm counterpart, and GN+WS fine-tuned from a
-  non-WS ImageNet model does worse than GN anyway (REFERENCE.md).
+  A GN target is refused: BatchNorm statistics have no GroupNorm counterpart, and WS needs WS-pretrained
+  backbones anyway.
 
 Every tensor is checked by name and shape against the model ``build_model`` makes from the target config
 (``--config-file``, or the seed config of the architecture inferred from the file). A missing or misshaped
-target tensor, or a source tensor with no place in the model, raises ``ConversionError`` naming the keys.
+target tensor, or a source tensor with no place in the model, raises ``CheckpointError`` naming the keys.
 """
 
 import dataclasses
 import os
 import pickle
-import re
-from pathlib import Path
 
 import torch
+from fvcore.common.checkpoint import get_missing_parameters_message
 
+from ..config import load_config
+from ..errors import CheckpointError, ConfigError
+from ..model_zoo import get_config_file
 from .checkpointer import atomic_write
 from .layouts import (
     DETECTOR_RULES,
@@ -32,34 +34,18 @@ from .layouts import (
     rename,
     unwrap_state_dict,
 )
-from .safe_load import CheckpointError, load_checkpoint_file
+from .safe_load import load_checkpoint_file
 
 __all__ = [
-    "ConversionError",
     "ConversionReport",
-    "build_target_state_dict",
     "convert_authors_checkpoint",
     "convert_checkpoint",
     "convert_mmdet_checkpoint",
     "convert_torchvision_checkpoint",
-    "save_converted",
     "seed_config_file",
 ]
 
 SOURCES = ("authors", "mmdet", "torchvision")
-# the repository's configs/, or a copy installed as package data
-_CONFIG_DIRS = (
-    Path(__file__).resolve().parents[2] / "configs",
-    Path(__file__).resolve().parents[1] / "model_zoo" / "configs",
-)
-
-
-class ConversionError(CheckpointError):
-    """The file does not fit the target architecture (or no layout fits the file)."""
-
-    def __init__(self, message, report=None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclasses.dataclass
@@ -68,28 +54,7 @@ class ConversionReport:
     target: str  # the config the names and shapes were checked against
     mapped: int = 0
     dropped: dict = dataclasses.field(default_factory=dict)  # source key -> why
-    unmatched: list = dataclasses.field(default_factory=list)  # source keys no rule renames
-    missing: list = dataclasses.field(default_factory=list)  # target keys nothing maps to
-    unexpected: dict = dataclasses.field(default_factory=dict)  # target key -> source key; not in the model
-    wrong_shape: dict = dataclasses.field(default_factory=dict)  # target key -> (source key, file, model)
     not_converted: list = dataclasses.field(default_factory=list)  # model keys outside the converted part
-
-    @property
-    def problems(self):
-        problems = []
-        if self.missing:
-            problems.append(f"{len(self.missing)} model tensors have no source: {_some(self.missing)}")
-        if self.wrong_shape:
-            shapes = [f"{src} {a} -> {dst} {b}" for dst, (src, a, b) in self.wrong_shape.items()]
-            problems.append(f"{len(shapes)} tensors have the wrong shape: {_some(shapes)}")
-        if self.unexpected:
-            extra = [f"{src} -> {dst}" for dst, src in self.unexpected.items()]
-            problems.append(f"{len(extra)} source tensors have no place in the model: {_some(extra)}")
-        if self.unmatched:
-            problems.append(
-                f"{len(self.unmatched)} source keys match no rename rule: {_some(self.unmatched)}"
-            )
-        return problems
 
     def summary(self):
         lines = [f"{self.source} layout, checked against {self.target}: mapped {self.mapped} tensors"]
@@ -97,20 +62,12 @@ class ConversionReport:
         for key, why in self.dropped.items():
             by_reason.setdefault(why, []).append(key)
         lines += [f"  dropped {len(keys)} ({why}): {_some(keys)}" for why, keys in by_reason.items()]
-        if self.not_converted:
-            modules = {}
-            for key in self.not_converted:  # e.g. backbone.fpn_lateral2.weight -> backbone.fpn_lateral
-                module = re.sub(r"\d+", "", ".".join(key.split(".")[:2]))
-                modules[module] = modules.get(module, 0) + 1
-            counts = ", ".join(f"{module} ({n})" for module, n in modules.items())
-            lines.append(f"  not in the file, left to the model's initialization: {counts}")
-        lines += [f"  ERROR: {problem}" for problem in self.problems]
+        if self.not_converted:  # grouped by module, as detectron2 reports a checkpoint's missing keys
+            lines.append("  not in the file, left to the model's initialization:")
+            lines += [
+                "    " + line for line in get_missing_parameters_message(self.not_converted).splitlines()[1:]
+            ]
         return "\n".join(lines)
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _some(items, limit=6):
@@ -124,84 +81,79 @@ def seed_config_file(architecture, mask_on=False):
         name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_gn_ws_2x.yaml"
     else:
         name = f"COCO-Detection/faster_rcnn_{architecture}_FPN_gn_ws_1x.yaml"
-    for config_dir in _CONFIG_DIRS:
-        if (config_dir / name).is_file():
-            return str(config_dir / name)
-    raise ConversionError(f"no ws_d2 seed config {name} for this {architecture} file: pass --config-file")
+    try:
+        return get_config_file(name)
+    except ConfigError:
+        raise CheckpointError(
+            f"no ws_d2 seed config {name} for this {architecture} file: pass --config-file"
+        ) from None
 
 
-def build_target_state_dict(config_file):
-    """Names and shapes of the model ``build_model`` makes from a config (built on the meta device:
-    no memory, no initialization), and the config's norm."""
+def _target(config_file, state_dict, prefix, mask_on=False):
+    """(config file, {name: shape} of the model it builds, its norm); the file defaults to the seed config of
+    the ResNet architecture under `prefix` in `state_dict`. The model is built on the meta device: no memory."""
     from detectron2.modeling import build_model
 
-    from ws_d2.config import get_ws_cfg
-
-    cfg = get_ws_cfg()
-    if not os.path.isfile(config_file):
-        raise ConversionError(f"{config_file}: no such config file")
-    try:
-        cfg.merge_from_file(config_file)
-    except Exception as e:  # yaml syntax, unknown keys, bad values: one line for the user
-        raise ConversionError(f"{config_file}: cannot read the config: {_first_line(e)}") from None
-    cfg.MODEL.DEVICE = "meta"
+    if config_file is None:
+        try:
+            architecture = infer_resnet_architecture(state_dict, prefix=prefix)["name"]
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
+            ) from None
+        config_file = seed_config_file(architecture, mask_on)
+    cfg = load_config(config_file, ["MODEL.DEVICE", "meta"])
     with torch.device("meta"):
-        model = build_model(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, cfg.MODEL.RESNETS.NORM
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    return config_file, shapes, cfg.MODEL.RESNETS.NORM
 
 
-def _backbone_prefix(target_shapes):
-    prefixes = [k[: -len("stem.conv1.weight")] for k in target_shapes if k.endswith("stem.conv1.weight")]
-    if len(prefixes) != 1:
-        raise ConversionError("the target config's model has no (single) ResNet stem to put the weights in")
-    return prefixes[0]
-
-
-def _check(renamed, origin, target_shapes, report, scope=""):
-    """Compare renamed tensors with the target model's names/shapes under ``scope`` (a key prefix)."""
-    for key, shape in target_shapes.items():
-        if not key.startswith(scope):
-            report.not_converted.append(key)
-        elif key not in renamed:
-            report.missing.append(key)
-        elif tuple(renamed[key].shape) != shape:
-            report.wrong_shape[key] = (origin[key], tuple(renamed[key].shape), shape)
-    report.unexpected = {k: origin[k] for k in renamed if k not in target_shapes}
-    report.mapped = len(renamed) - len(report.unexpected) - len(report.wrong_shape)
-    if report.problems:
-        raise ConversionError(
-            f"{report.source} checkpoint does not fit {report.target}: " + "; ".join(report.problems), report
-        )
+def _checked(state_dict, rules, source_prefix, source, config_file, target_shapes, scope=""):
+    """Rename `state_dict` by `rules`, prefix the names with `scope`, and check them against the target model's
+    names and shapes under `scope`. Returns ({name: tensor}, report); raises CheckpointError on any mismatch."""
+    renamed, origin, dropped, unmatched = rename(state_dict, rules, source_prefix)
+    renamed = {scope + k: v for k, v in renamed.items()}
+    origin = {scope + k: v for k, v in origin.items()}
+    report = ConversionReport(source, os.path.basename(config_file), dropped=dropped)
+    report.not_converted = [k for k in target_shapes if not k.startswith(scope)]
+    missing = [k for k in target_shapes if k.startswith(scope) and k not in renamed]
+    wrong_shape = [
+        f"{origin[k]} {tuple(renamed[k].shape)} -> {k} {shape}"
+        for k, shape in target_shapes.items()
+        if k in renamed and tuple(renamed[k].shape) != shape
+    ]
+    unexpected = [f"{origin[k]} -> {k}" for k in renamed if k not in target_shapes]
+    problems = [
+        f"{len(keys)} {what}: {_some(keys)}"
+        for keys, what in [
+            (missing, "model tensors have no source"),
+            (wrong_shape, "tensors have the wrong shape"),
+            (unexpected, "source tensors have no place in the model"),
+            (unmatched, "source keys match no rename rule"),
+        ]
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{source} checkpoint does not fit {report.target}: " + "; ".join(problems))
+    report.mapped = len(renamed)
+    return renamed, report
 
 
 def _convert_resnet(checkpoint, source, config_file):
     state_dict = unwrap_state_dict(checkpoint)
-    source_prefix = common_prefix(state_dict)
-    if config_file is None:
-        try:
-            architecture = infer_resnet_architecture(state_dict, prefix=source_prefix)["name"]
-        except (KeyError, ValueError) as e:
-            raise ConversionError(
-                f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
-            ) from None
-        config_file = seed_config_file(architecture)
-    target_shapes, norm = build_target_state_dict(config_file)
-    report = ConversionReport(source=source, target=os.path.basename(config_file))
-    has_bn_stats = any(k.endswith("running_mean") for k in state_dict)
-    if has_bn_stats and norm in ("GN", "SyncGN"):
-        raise ConversionError(
+    prefix = common_prefix(state_dict)
+    config_file, target_shapes, norm = _target(config_file, state_dict, prefix)
+    if any(k.endswith("running_mean") for k in state_dict) and norm in ("GN", "SyncGN"):
+        raise CheckpointError(
             f"{source} checkpoint holds BatchNorm weights (running_mean/var), which have no GroupNorm counterpart, "
-            f"and {report.target} uses {norm}. GN+WS needs WS-pretrained weights (the authors' files); for a "
-            "BatchNorm model pass --config-file with MODEL.RESNETS.NORM FrozenBN",
-            report,
+            f"and {os.path.basename(config_file)} uses {norm}. GN+WS needs WS-pretrained weights (the authors' "
+            "files); for a BatchNorm model pass --config-file with MODEL.RESNETS.NORM FrozenBN"
         )
-    renamed, origin, report.dropped, report.unmatched = rename(state_dict, RESNET_RULES, source_prefix)
-    prefix = _backbone_prefix(target_shapes)
-    renamed = {prefix + k: v for k, v in renamed.items()}
-    origin = {prefix + k: v for k, v in origin.items()}
+    stems = [k[: -len("stem.conv1.weight")] for k in target_shapes if k.endswith("stem.conv1.weight")]
+    if len(stems) != 1:
+        raise CheckpointError("the target config's model has no (single) ResNet stem to put the weights in")
     # the backbone's (bottom-up ResNet's) tensors must all come from the file; FPN and heads are new
-    _check(renamed, origin, target_shapes, report, scope=prefix)
-    return renamed, report
+    return _checked(state_dict, RESNET_RULES, prefix, source, config_file, target_shapes, scope=stems[0])
 
 
 def convert_authors_checkpoint(checkpoint, config_file=None):
@@ -219,27 +171,15 @@ def convert_mmdet_checkpoint(checkpoint, config_file=None):
     """An MMDetection (v2 layout) GN+WS Faster/Mask R-CNN FPN checkpoint -> ``({name: tensor}, report)``
     covering every tensor of the target model."""
     state_dict = unwrap_state_dict(checkpoint)
-    source_prefix = common_prefix(state_dict)
-    if any(k[len(source_prefix) :].startswith(("bbox_head.", "mask_head.")) for k in state_dict):
-        raise ConversionError(
+    prefix = common_prefix(state_dict)
+    if any(k[len(prefix) :].startswith(("bbox_head.", "mask_head.")) for k in state_dict):
+        raise CheckpointError(
             "MMDetection v1 layout (bbox_head/mask_head at the top level; its classifier puts the background "
             "first): upgrade it with MMDetection's tools/model_converters/upgrade_model_version.py first"
         )
-    if config_file is None:
-        try:
-            architecture = infer_resnet_architecture(state_dict, prefix=source_prefix + "backbone.")["name"]
-        except (KeyError, ValueError) as e:
-            raise ConversionError(
-                f"cannot infer the backbone from the file ({e}): pass --config-file"
-            ) from None
-        config_file = seed_config_file(
-            architecture, mask_on=any(k.startswith("roi_head.mask_head.") for k in state_dict)
-        )
-    target_shapes, _ = build_target_state_dict(config_file)
-    report = ConversionReport(source="mmdet", target=os.path.basename(config_file))
-    renamed, origin, report.dropped, report.unmatched = rename(state_dict, DETECTOR_RULES, source_prefix)
-    _check(renamed, origin, target_shapes, report)
-    return renamed, report
+    mask_on = any(k[len(prefix) :].startswith("roi_head.mask_head.") for k in state_dict)
+    config_file, target_shapes, _ = _target(config_file, state_dict, prefix + "backbone.", mask_on)
+    return _checked(state_dict, DETECTOR_RULES, prefix, "mmdet", config_file, target_shapes)
 
 
 _CONVERTERS = {
@@ -252,41 +192,35 @@ _CONVERTERS = {
 def save_converted(state_dict, path):
     """Write ``{"model": ..., "__author__": "ws_d2", "matching_heuristics": False}`` (exact names: detectron2
     must not rename anything) as ``.pkl`` (numpy arrays) or ``.pth`` (tensors), atomically."""
-    path = os.fspath(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    if path.endswith(".pkl"):
-        data = {
-            "model": {k: v.numpy() for k, v in tensors.items()},
-            "__author__": "ws_d2",
-            "matching_heuristics": False,
-        }
-        with atomic_write(path) as f:
+    pkl = os.fspath(path).endswith(".pkl")
+    data = {"model": {k: v.numpy() for k, v in tensors.items()} if pkl else tensors}
+    data.update(__author__="ws_d2", matching_heuristics=False)
+    with atomic_write(path) as f:
+        if pkl:
             pickle.dump(data, f, protocol=4)
-    elif path.endswith(".pth"):
-        with atomic_write(path) as f:
-            torch.save({"model": tensors, "__author__": "ws_d2", "matching_heuristics": False}, f)
-    else:
-        raise ConversionError(f"{path}: the output must end in .pkl or .pth")
+        else:
+            torch.save(data, f)
 
 
 def convert_checkpoint(src, dst, source="auto", config_file=None):
     """Read ``src`` safely, convert it from its layout (``source``, or detected), check it against the target
-    config, and write ``dst``. Returns the ConversionReport; raises a CheckpointError subclass on failure."""
+    config, and write ``dst`` (.pkl or .pth). Returns the ConversionReport; raises CheckpointError."""
     if source != "auto" and source not in SOURCES:
-        raise ConversionError(
+        raise CheckpointError(
             f"unknown source layout {source!r}; expected auto or one of {', '.join(SOURCES)}"
         )
     if not os.fspath(dst).endswith((".pkl", ".pth")):
-        raise ConversionError(f"{dst}: the output must end in .pkl or .pth")
+        raise CheckpointError(f"{dst}: the output must end in .pkl or .pth")
     checkpoint = load_checkpoint_file(src)
     if source == "auto":
         if "model" in checkpoint and "__author__" in checkpoint:
-            raise ConversionError(
+            raise CheckpointError(
                 f"{src}: already a detectron2 checkpoint (written by {checkpoint['__author__']})"
             )
         source = detect_layout(unwrap_state_dict(checkpoint))
         if source is None:
-            raise ConversionError(f"{src}: not a known layout (authors, mmdet, torchvision); pass --source")
+            raise CheckpointError(f"{src}: not a known layout (authors, mmdet, torchvision); pass --source")
     state_dict, report = _CONVERTERS[source](checkpoint, config_file)
     save_converted(state_dict, dst)
     return report

@@ -2,8 +2,8 @@
 
 Each table is a list of ``(source regex, target template or None, why)``. A template is filled from the
 regex's named groups plus the derived indices below; ``None`` drops the key, and ``why`` says why in the
-report. Layouts are documented in REFERENCE.md ("Authors' ImageNet GN+WS checkpoints", "MMDetection GN+WS
-detectors"). Source keys no rule matches are reported, never silently lost.
+report. The layouts are described in docs/CONVERSION.md. Source keys no rule matches are reported, never
+silently lost.
 """
 
 import re

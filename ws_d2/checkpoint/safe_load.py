@@ -8,8 +8,8 @@ checkpoints come from the internet, so ws_d2 reads every one of them through her
 - everything else (``.pth``, ``.pth.tar``, ``.pt``, ...): ``torch.load(weights_only=True)``, which admits
   tensors and plain containers, plus the same numpy globals.
 
-A refused global raises ``UnsafeCheckpointError``; a truncated or corrupt file raises ``CheckpointLoadError``.
-Both are ``CheckpointError`` and carry a one-line message naming the file.
+A refused global raises ``UnsafeCheckpointError``; a missing, truncated or corrupt file raises
+``CheckpointError``. Both carry a one-line message naming the file.
 """
 
 import _codecs
@@ -21,30 +21,15 @@ import re
 import numpy as np
 import torch
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointLoadError",
-    "UnsafeCheckpointError",
-    "load_checkpoint_file",
-    "load_pickle_stream",
-    "load_torch_stream",
-]
+from ..errors import CheckpointError, UnsafeCheckpointError, one_line
+
+__all__ = ["load_checkpoint_file"]
 
 
-class CheckpointError(Exception):
-    """A checkpoint file could not be read safely."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file asks to call or build something outside the admitted plain data types."""
-
-    def __init__(self, name, refused_global):
-        super().__init__(f"{name}: refused to load: it references {refused_global}, which is not plain data")
-        self.refused_global = refused_global
-
-
-class CheckpointLoadError(CheckpointError):
-    """The file is truncated, corrupt or not a checkpoint."""
+def _refused(name, refused_global):
+    return UnsafeCheckpointError(
+        f"{name}: refused to load: it references {refused_global}, which is not plain data"
+    )
 
 
 try:  # numpy >= 2 moved numpy.core to numpy._core; pickles from either name the path they were made with
@@ -104,24 +89,18 @@ class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
-def _stream_name(f, name):
-    return name or getattr(f, "name", None) or "<checkpoint stream>"
+def _unreadable(name, kind, error):
+    return CheckpointError(f"{name}: not a readable {kind} (truncated or corrupt?): {one_line(error)}")
 
 
-def load_pickle_stream(f, *, encoding="latin1", name=None):
-    """Unpickle plain data (containers, numbers, strings, numpy arrays) from a binary stream.
-
-    ``encoding="latin1"`` reads Python 2 pickles (Detectron's .pkl files) into numpy arrays correctly.
-    """
-    name = _stream_name(f, name)
+def _load_pickle(f, name):
+    # latin1 reads Python 2 pickles (Detectron's .pkl files) into numpy arrays correctly
     try:
-        return _PlainDataUnpickler(f, encoding=encoding).load()
+        return _PlainDataUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as e:
-        raise UnsafeCheckpointError(name, str(e)) from None
+        raise _refused(name, str(e)) from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise CheckpointLoadError(
-            f"{name}: not a readable pickle (truncated or corrupt?): {_one_line(e)}"
-        ) from None
+        raise _unreadable(name, "pickle", e) from None
 
 
 # The numpy objects torch.load may also rebuild (numpy arrays or scalars saved in a .pth). numpy >= 1.20
@@ -137,32 +116,18 @@ _TORCH_SAFE_NUMPY = [
 _TORCH_REFUSAL_PATTERNS = [r"GLOBAL ([\w.]+)", r"got <class '([\w.]+)'>", r"WeightsUnpickler error: ([^\n]+)"]
 
 
-def load_torch_stream(f, *, name=None):
-    """``torch.load(weights_only=True)`` onto the CPU, with ws_d2's named errors."""
-    name = _stream_name(f, name)
+def _load_torch(f, name):
     try:
         with torch.serialization.safe_globals(_TORCH_SAFE_NUMPY):
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        message = str(e)
-        if "Weights only load failed" in message:
-            matches = (re.search(pattern, message) for pattern in _TORCH_REFUSAL_PATTERNS)
-            refused = next(
-                (m.group(1) for m in matches if m), "a global outside torch's weights-only allowlist"
-            )
-            raise UnsafeCheckpointError(name, refused[:200]) from None
-        raise CheckpointLoadError(
-            f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}"
-        ) from None
+        if "Weights only load failed" not in str(e):
+            raise _unreadable(name, "torch checkpoint", e) from None
+        matches = (re.search(pattern, str(e)) for pattern in _TORCH_REFUSAL_PATTERNS)
+        refused = next((m.group(1) for m in matches if m), "a global outside torch's weights-only allowlist")
+        raise _refused(name, refused[:200]) from None
     except (EOFError, RuntimeError, ValueError, TypeError, OSError) as e:
-        raise CheckpointLoadError(
-            f"{name}: not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}"
-        ) from None
-
-
-def _one_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+        raise _unreadable(name, "torch checkpoint", e) from None
 
 
 def load_checkpoint_file(path):
@@ -172,12 +137,9 @@ def load_checkpoint_file(path):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointLoadError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
-        if path.endswith(".pkl"):
-            data = load_pickle_stream(f, name=path)
-        else:
-            data = load_torch_stream(f, name=path)
+        data = _load_pickle(f, path) if path.endswith(".pkl") else _load_torch(f, path)
     if not isinstance(data, dict):
-        raise CheckpointLoadError(f"{path}: expected a dict of tensors, found a {type(data).__name__}")
+        raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(data).__name__}")
     return data

@@ -4,13 +4,14 @@ Importing this package registers the synthetic set's names (`ws_d2_synthetic_tra
 with their metadata; the files themselves are made by `generate_synthetic_dataset`.
 """
 
-from .coco import DatasetError, check_datasets, register_coco_dataset
+from .coco import check_datasets, register_coco_dataset
 from .synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_SPLITS,
     default_synthetic_root,
     generate_synthetic_dataset,
     register_synthetic_dataset,
+    synthetic_batch,
 )
 
 register_synthetic_dataset()
@@ -18,10 +19,10 @@ register_synthetic_dataset()
 __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_SPLITS",
-    "DatasetError",
     "check_datasets",
     "default_synthetic_root",
     "generate_synthetic_dataset",
     "register_coco_dataset",
     "register_synthetic_dataset",
+    "synthetic_batch",
 ]

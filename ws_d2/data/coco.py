@@ -11,13 +11,11 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["DatasetError", "check_datasets", "read_coco_categories", "register_coco_dataset"]
+from ..errors import DatasetError
+
+__all__ = ["check_datasets", "read_coco_categories", "register_coco_dataset"]
 
 COCO_KEYS = ("images", "annotations", "categories")
-
-
-class DatasetError(ValueError):
-    """A data set that is missing, malformed or does not fit the config."""
 
 
 def read_coco_categories(json_file):

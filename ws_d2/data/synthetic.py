@@ -9,11 +9,14 @@ directory, like detectron2's DETECTRON2_DATASETS).
 import json
 import math
 import os
+import zlib
 
 import cv2
 import numpy as np
+import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import Boxes, Instances, PolygonMasks
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -21,6 +24,7 @@ __all__ = [
     "default_synthetic_root",
     "generate_synthetic_dataset",
     "register_synthetic_dataset",
+    "synthetic_batch",
 ]
 
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
@@ -112,7 +116,8 @@ def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objec
     for split, count in splits.items():
         json_file, image_dir = _annotation_file(root, split), os.path.join(root, split)
         written[split] = (json_file, image_dir)
-        offset = SYNTHETIC_SPLITS.get(split, (0, hash(split) % 1_000_000))[1]
+        # a split not listed gets an offset from its name: stable across processes, unlike hash()
+        offset = SYNTHETIC_SPLITS.get(split, (0, zlib.crc32(split.encode()) % 1_000_000))[1]
         info = {"description": "ws_d2 synthetic shapes", "images": count, "image_size": image_size,
                 "max_objects": max_objects, "seed": seed + offset}  # fmt: skip
         if os.path.isfile(json_file):
@@ -150,3 +155,35 @@ def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple
         metadata = {"thing_classes": list(SYNTHETIC_CLASSES), "missing_hint": MISSING_HINT}
         register_coco_instances(name, metadata, _annotation_file(root, split), os.path.join(root, split))
     return [f"{prefix}_{split}" for split in splits]
+
+
+def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = True):
+    """detectron2 input dicts: `batch` random images size x 4/3 size (RGB uint8) with gt boxes and masks."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size, round(size * 4 / 3)
+    num_instances = max(
+        1, round(cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION)
+    )
+    inputs = []
+    for _ in range(batch):
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        record = {"image": image, "height": height, "width": width}
+        if training:
+            wh = torch.rand(num_instances, 2, generator=generator) * 0.45 + 0.05  # 5-50 % of the side
+            xy = torch.rand(num_instances, 2, generator=generator) * (1 - wh)
+            x0, y0 = xy[:, 0] * width, xy[:, 1] * height
+            x1, y1 = x0 + wh[:, 0] * width, y0 + wh[:, 1] * height
+            boxes = torch.stack([x0, y0, x1, y1], dim=1)
+            instances = Instances((height, width))
+            instances.gt_boxes = Boxes(boxes)
+            instances.gt_classes = torch.randint(
+                0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (num_instances,), generator=generator
+            )
+            if cfg.MODEL.MASK_ON:
+                # A diamond inscribed in each box: a real polygon, cheap to rasterize.
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                polygons = torch.stack([cx, y0, x1, cy, cx, y1, x0, cy], dim=1).tolist()
+                instances.gt_masks = PolygonMasks([[p] for p in polygons])
+            record["instances"] = instances
+        inputs.append(record)
+    return inputs

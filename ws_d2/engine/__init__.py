@@ -1,15 +1,14 @@
-"""Training and evaluation for ws_d2: detectron2's DefaultTrainer with micro-batches, CPU/Gloo and torchrun
-launching, COCO evaluation and safe, atomic checkpoints."""
+"""Training for ws_d2: detectron2's DefaultTrainer with micro-batches, CPU/Gloo and torchrun launching, COCO
+evaluation and safe, atomic checkpoints."""
 
 from .launch import launch, launched_by_torchrun
-from .micro_batch import ConfigError, MicroBatchTrainer, micro_batch_size
-from .trainer import WSTrainer, check_amp
+from .micro_batch import MicroBatchTrainer, micro_batch_size
+from .trainer import WSTrainer, check_trainable
 
 __all__ = [
-    "ConfigError",
     "MicroBatchTrainer",
     "WSTrainer",
-    "check_amp",
+    "check_trainable",
     "launch",
     "launched_by_torchrun",
     "micro_batch_size",

@@ -1,7 +1,7 @@
 """Start training as one process, N processes on one or several machines, or under torchrun.
 
 - CUDA: detectron2's own `launch` (one process per GPU, NCCL).
-- CPU: `num_procs_per_machine` processes on the Gloo backend; detectron2 v0.6's launcher asserts CUDA.
+- CPU: N processes on the Gloo backend (`ws_d2.backports.launch_on_cpu`).
 - torchrun / SLURM / Kubernetes / elastic: when the env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
   MASTER_PORT) are set, this process is one worker already: it joins the group from them and runs `main_func`.
 In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual.
@@ -13,12 +13,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "launched_by_torchrun"]
+from ..backports import launch_on_cpu, set_local_process_group
+
+__all__ = ["launch", "launched_by_torchrun"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -26,28 +27,6 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 def launched_by_torchrun():
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
-
-
-def _set_local_process_group(world_size, procs_per_machine, machine_rank):
-    # detectron2's comm.get_local_rank/size read the group of this machine's ranks, which its own
-    # launcher creates; every rank must create every group, in the same order.
-    for machine in range(world_size // procs_per_machine):
-        group = dist.new_group(list(range(machine * procs_per_machine, (machine + 1) * procs_per_machine)))
-        if machine == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
-
-
-def _backend(use_cuda):
-    return "nccl" if use_cuda else "gloo"
-
-
-def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
-    rank = machine_rank * procs_per_machine + local_rank
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
-    _set_local_process_group(world_size, procs_per_machine, machine_rank)
-    comm.synchronize()
-    main_func(*args)
-    dist.destroy_process_group()
 
 
 def _run_torchrun_worker(main_func, args, use_cuda, timeout):
@@ -60,8 +39,8 @@ def _run_torchrun_worker(main_func, args, use_cuda, timeout):
         )
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(_backend(use_cuda), init_method="env://", timeout=timeout)
-    _set_local_process_group(world_size, procs_per_machine, dist.get_rank() // procs_per_machine)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", timeout=timeout)
+    set_local_process_group(world_size, procs_per_machine, dist.get_rank() // procs_per_machine)
     comm.synchronize()
     main_func(*args)
     dist.destroy_process_group()
@@ -86,8 +65,7 @@ def launch(
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if launched_by_torchrun():
         return _run_torchrun_worker(main_func, args, use_cuda, timeout)
-    world_size = num_machines * num_procs_per_machine
-    if world_size <= 1:
+    if num_machines * num_procs_per_machine <= 1:
         return main_func(*args)
     if use_cuda:
         return detectron2_launch(
@@ -97,10 +75,5 @@ def launch(
         if num_machines > 1:
             raise ValueError("several machines need an explicit dist_url reachable by all of them")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    logging.getLogger(__name__).info(f"Starting {world_size} CPU processes on Gloo at {dist_url}")
-    mp.spawn(
-        _cpu_worker,
-        nprocs=num_procs_per_machine,
-        args=(main_func, world_size, num_procs_per_machine, machine_rank, dist_url, args, timeout),
-        daemon=False,
-    )
+    logging.getLogger(__name__).info(f"Starting {num_machines * num_procs_per_machine} CPU processes on Gloo")
+    launch_on_cpu(main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args, timeout)

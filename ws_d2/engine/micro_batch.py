@@ -12,11 +12,9 @@ import torch
 from detectron2.engine import SimpleTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["ConfigError", "MicroBatchTrainer", "micro_batch_size"]
+from ..errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config that cannot run as given (unknown key, batch that does not divide, ...)."""
+__all__ = ["MicroBatchTrainer", "micro_batch_size"]
 
 
 def micro_batch_size(cfg, world_size):
@@ -37,7 +35,7 @@ class MicroBatchTrainer(SimpleTrainer):
 
     The accumulated gradient is the mean of the micro-batch gradients. That equals the one-big-batch gradient
     exactly when each micro-batch's loss normalizer is proportional to its number of images (RPN losses, and
-    box losses when every image contributes the same number of sampled RoIs); see the README.
+    box losses when every image contributes the same number of sampled RoIs); see docs/TRAINING.md.
     Under DDP the gradient all-reduce runs once per step, on the last micro-batch (`no_sync` before it).
     With a `grad_scaler` the passes run under CUDA autocast (mixed precision), like detectron2's AMPTrainer.
     """

@@ -1,9 +1,8 @@
 """WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo data parallelism, AMP checks,
 COCO evaluation and ws_d2's safe, atomic checkpointer.
 
-Only the constructor is ws_d2's own: detectron2 v0.6's hard-codes SimpleTrainer/AMPTrainer,
-DetectionCheckpointer and a GPU-only DDP wrapper (`device_ids=[local_rank]` fails for a CPU model).
-Hooks, resume, the training loop, testing and the build_* functions are DefaultTrainer's.
+Only the constructor is ws_d2's own: DefaultTrainer's hard-codes SimpleTrainer/AMPTrainer and
+DetectionCheckpointer. Hooks, resume, the training loop, testing and the build_* functions are DefaultTrainer's.
 """
 
 import json
@@ -12,19 +11,24 @@ import os
 import weakref
 
 import torch
-from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..backports import create_ddp_model
 from ..checkpoint import WSCheckpointer
-from .micro_batch import ConfigError, MicroBatchTrainer, micro_batch_size
+from ..errors import ConfigError
+from .micro_batch import MicroBatchTrainer, micro_batch_size
 
-__all__ = ["WSTrainer", "check_amp"]
+__all__ = ["WSTrainer", "check_trainable"]
 
 
-def check_amp(cfg):
-    """AMP runs on CUDA only; on the CPU it is refused (bf16 autocast is not supported by every op here)."""
+def check_trainable(cfg, world_size):
+    """Refuse, in one line and before anything is built, a config that cannot train on `world_size`
+    processes: a batch that does not divide into micro-batches, or AMP off CUDA (fp16 autocast is CUDA's;
+    bf16 autocast on the CPU is not supported by every op here)."""
+    micro_batch_size(cfg, world_size)
     if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
         raise ConfigError(
             f"SOLVER.AMP.ENABLED needs a CUDA device (MODEL.DEVICE is '{cfg.MODEL.DEVICE}'); "
@@ -38,13 +42,11 @@ class WSTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called yet
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        check_amp(cfg)
+        check_trainable(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        # Data parallel over processes: CUDA models are pinned to their local GPU, CPU models (Gloo) are not.
-        device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+        model = create_ddp_model(model, broadcast_buffers=False)
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = MicroBatchTrainer(model, data_loader, optimizer, cfg.SOLVER.ITER_SIZE, grad_scaler)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)

@@ -15,35 +15,26 @@ from .ws_convert import convert_to_ws
 __all__ = ["WSFastRCNNConvFCHead", "WSMaskRCNNConvUpsampleHead"]
 
 
-def _ws_eps_from_cfg(cfg) -> Optional[float]:
-    return cfg.MODEL.WS.EPS if cfg.MODEL.WS.ENABLED else None
+class _WSConvs:
+    """Put before a detectron2 head class: WS on the head's normalized convs (ws_eps=None: the plain head)."""
+
+    @configurable
+    def __init__(self, input_shape, *, ws_eps: Optional[float] = 1e-5, **kwargs):
+        super().__init__(input_shape, **kwargs)
+        if ws_eps is not None:
+            convert_to_ws(self, ws_eps)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ws_eps = cfg.MODEL.WS.EPS if cfg.MODEL.WS.ENABLED else None
+        return {**super().from_config(cfg, input_shape), "ws_eps": ws_eps}
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-class WSFastRCNNConvFCHead(FastRCNNConvFCHead):
-    """FastRCNNConvFCHead with WS on its convs (ws_eps=None: the plain GN head)."""
-
-    @configurable
-    def __init__(self, input_shape, *, ws_eps: Optional[float] = 1e-5, **kwargs):
-        super().__init__(input_shape, **kwargs)
-        if ws_eps is not None:
-            convert_to_ws(self, ws_eps)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return {**super().from_config(cfg, input_shape), "ws_eps": _ws_eps_from_cfg(cfg)}
+class WSFastRCNNConvFCHead(_WSConvs, FastRCNNConvFCHead):
+    """FastRCNNConvFCHead with WS on its convs."""
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class WSMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
-    """MaskRCNNConvUpsampleHead with WS on its convs (ws_eps=None: the plain GN head)."""
-
-    @configurable
-    def __init__(self, input_shape, *, ws_eps: Optional[float] = 1e-5, **kwargs):
-        super().__init__(input_shape, **kwargs)
-        if ws_eps is not None:
-            convert_to_ws(self, ws_eps)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return {**super().from_config(cfg, input_shape), "ws_eps": _ws_eps_from_cfg(cfg)}
+class WSMaskRCNNConvUpsampleHead(_WSConvs, MaskRCNNConvUpsampleHead):
+    """MaskRCNNConvUpsampleHead with WS on its convs."""

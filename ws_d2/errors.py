@@ -1,0 +1,58 @@
+"""ws_d2's exceptions and the one-line error every tool prints.
+
+Each exception's message is one line that names the file, key or value at fault. Tools exit 0 on
+success, 1 when an input is refused or a step fails (a `WSD2Error` or an `OSError`), and 2 on a
+usage error (argparse's own exit).
+"""
+
+import functools
+import sys
+
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "UnsafeCheckpointError", "WSD2Error"]
+
+
+class WSD2Error(Exception):
+    """Bad input to ws_d2, with a one-line message naming it."""
+
+
+class ConfigError(WSD2Error, ValueError):
+    """A config that cannot run as given: missing or unreadable file, unknown key, a batch that does not
+    divide, a setting the device cannot run."""
+
+
+class DatasetError(WSD2Error, ValueError):
+    """A data set that is not registered, missing on disk, malformed, or does not fit the config."""
+
+
+class CheckpointError(WSD2Error):
+    """A checkpoint that is missing, truncated, corrupt, or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that asks to call or build something other than plain data: refused unread."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    # a KeyError's str() is its repr; yacs puts the message of an unknown key in its args
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def command_line(tool: str):
+    """Decorate a tool's `main(argv=None) -> int`: a WSD2Error or OSError it raises becomes `tool: error: <line>`
+    on stderr and the return value 1 (argparse's usage errors still exit 2)."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def main_with_errors(*args, **kwargs):
+            try:
+                return main(*args, **kwargs) or 0
+            except (WSD2Error, OSError) as e:
+                print(f"{tool}: error: {one_line(e)}", file=sys.stderr)
+                return 1
+
+        return main_with_errors
+
+    return decorate
