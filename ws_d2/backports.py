@@ -77,7 +77,6 @@ def fix_rotated_nms():
     # Retired, like the fix above, by a build with the compiled extension.
     if HAS_COMPILED_OPS:
         return False
-    import importlib
 
     import detectron2.layers
 
@@ -107,7 +106,6 @@ def fix_numpy_aliases():
     # data/build.py's class histogram, sem_seg_evaluation and pascal_voc (np.bool: structures/masks.py,
     # pascal_voc_evaluation). Retired by a detectron2 release after PR #4975 ("Replace numpy aliases").
     import builtins
-    import warnings
 
     import numpy as np
 

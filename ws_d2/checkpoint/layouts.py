@@ -8,16 +8,6 @@ silently lost.
 
 import re
 
-__all__ = [
-    "DETECTOR_RULES",
-    "RESNET_RULES",
-    "detect_layout",
-    "infer_resnet_architecture",
-    "rename",
-    "common_prefix",
-    "unwrap_state_dict",
-]
-
 # torchvision-style ResNet (the authors' ImageNet files, MMDetection's re-hosted copies, torchvision itself)
 # -> detectron2 ResNet. The authors name their GroupNorms bn*, MMDetection names them gn*.
 _NORM = r"(?P<param>weight|bias|running_mean|running_var)"  # running stats only exist in BatchNorm files
@@ -35,44 +25,27 @@ RESNET_RULES = [
 
 # MMDetection (v2 layout) Faster/Mask R-CNN with FPN, 4conv1fc box head and 4-conv mask head -> detectron2
 # GeneralizedRCNN. Class, anchor and box-delta orders coincide (background last, ratios 0.5/1/2, per-class
-# dx,dy,dw,dh), so this is a pure renaming.
+# dx,dy,dw,dh), so this is a pure renaming. One rule per line: the table reads as a table.
 _CONV_MODULE = r"(?:conv\.weight|gn\.(?P<param>weight|bias))"  # mmcv ConvModule: .conv + .gn
-_D2_CONV = "{conv_or_norm}"
+_P = r"(?P<p>weight|bias)"
+# fmt: off
 DETECTOR_RULES = [
-    *[
-        (rf"backbone\.{src}", None if dst is None else f"backbone.bottom_up.{dst}", why)
-        for src, dst, why in RESNET_RULES
-    ],
-    (
-        rf"neck\.lateral_convs\.(?P<level_index>\d)\.{_CONV_MODULE}",
-        "backbone.fpn_lateral{level}" + _D2_CONV,
-        None,
-    ),
-    (rf"neck\.fpn_convs\.(?P<level_index>\d)\.{_CONV_MODULE}", "backbone.fpn_output{level}" + _D2_CONV, None),
-    (r"rpn_head\.rpn_conv\.(?P<p>weight|bias)", "proposal_generator.rpn_head.conv.{p}", None),
-    (r"rpn_head\.rpn_cls\.(?P<p>weight|bias)", "proposal_generator.rpn_head.objectness_logits.{p}", None),
-    (r"rpn_head\.rpn_reg\.(?P<p>weight|bias)", "proposal_generator.rpn_head.anchor_deltas.{p}", None),
-    (
-        rf"roi_head\.bbox_head\.shared_convs\.(?P<index>\d)\.{_CONV_MODULE}",
-        "roi_heads.box_head.conv{n}" + _D2_CONV,
-        None,
-    ),
-    (
-        r"roi_head\.bbox_head\.shared_fcs\.(?P<index>\d)\.(?P<p>weight|bias)",
-        "roi_heads.box_head.fc{n}.{p}",
-        None,
-    ),
-    (r"roi_head\.bbox_head\.fc_cls\.(?P<p>weight|bias)", "roi_heads.box_predictor.cls_score.{p}", None),
-    (r"roi_head\.bbox_head\.fc_reg\.(?P<p>weight|bias)", "roi_heads.box_predictor.bbox_pred.{p}", None),
-    (
-        rf"roi_head\.mask_head\.convs\.(?P<index>\d)\.{_CONV_MODULE}",
-        "roi_heads.mask_head.mask_fcn{n}" + _D2_CONV,
-        None,
-    ),
-    (r"roi_head\.mask_head\.upsample\.(?P<p>weight|bias)", "roi_heads.mask_head.deconv.{p}", None),
-    (r"roi_head\.mask_head\.conv_logits\.(?P<p>weight|bias)", "roi_heads.mask_head.predictor.{p}", None),
+    *[(rf"backbone\.{src}", dst and f"backbone.bottom_up.{dst}", why) for src, dst, why in RESNET_RULES],
+    (rf"neck\.lateral_convs\.(?P<level_index>\d)\.{_CONV_MODULE}", "backbone.fpn_lateral{level}{conv_or_norm}", None),
+    (rf"neck\.fpn_convs\.(?P<level_index>\d)\.{_CONV_MODULE}", "backbone.fpn_output{level}{conv_or_norm}", None),
+    (rf"rpn_head\.rpn_conv\.{_P}", "proposal_generator.rpn_head.conv.{p}", None),
+    (rf"rpn_head\.rpn_cls\.{_P}", "proposal_generator.rpn_head.objectness_logits.{p}", None),
+    (rf"rpn_head\.rpn_reg\.{_P}", "proposal_generator.rpn_head.anchor_deltas.{p}", None),
+    (rf"roi_head\.bbox_head\.shared_convs\.(?P<index>\d)\.{_CONV_MODULE}", "roi_heads.box_head.conv{n}{conv_or_norm}", None),
+    (rf"roi_head\.bbox_head\.shared_fcs\.(?P<index>\d)\.{_P}", "roi_heads.box_head.fc{n}.{p}", None),
+    (rf"roi_head\.bbox_head\.fc_cls\.{_P}", "roi_heads.box_predictor.cls_score.{p}", None),
+    (rf"roi_head\.bbox_head\.fc_reg\.{_P}", "roi_heads.box_predictor.bbox_pred.{p}", None),
+    (rf"roi_head\.mask_head\.convs\.(?P<index>\d)\.{_CONV_MODULE}", "roi_heads.mask_head.mask_fcn{n}{conv_or_norm}", None),
+    (rf"roi_head\.mask_head\.upsample\.{_P}", "roi_heads.mask_head.deconv.{p}", None),
+    (rf"roi_head\.mask_head\.conv_logits\.{_P}", "roi_heads.mask_head.predictor.{p}", None),
     (r"data_preprocessor\..*", None, "pixel mean/std: set by MODEL.PIXEL_MEAN/PIXEL_STD in the config"),
 ]
+# fmt: on
 
 
 def _template_fields(groups):

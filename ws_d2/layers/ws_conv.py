@@ -124,19 +124,9 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def conv2d_arguments(conv: Conv2d) -> dict:
     """The constructor arguments that rebuild `conv` (detectron2 Conv2d or WSConv2d) with its norm and
     activation, for swapping its class while sharing its parameters."""
-    return dict(
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        norm=conv.norm,
-        activation=conv.activation,
-    )
+    names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+    arguments = {name: getattr(conv, name) for name in (*names, "padding_mode", "norm", "activation")}
+    return {**arguments, "bias": conv.bias is not None}
 
 
 class WSConv2d(Conv2d):
