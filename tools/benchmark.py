@@ -29,7 +29,7 @@ set size during that step (VmHWM) minus the RSS after the imports: model, optimi
 statistics, activations, and nothing of the model's construction. The sample process runs with glibc's
 mmap threshold fixed at 64 KiB, so that every tensor is unmapped when freed and the RSS follows the live
 tensors rather than the blocks glibc keeps for reuse (with glibc's default, adaptive threshold, samples
-of one step disagree widely; the README has the figures). On CUDA the sample is
+of one step disagree widely: docs/BENCHMARK.md). On CUDA the sample is
 `torch.cuda.max_memory_allocated()` over the measured step, in process.
 """
 

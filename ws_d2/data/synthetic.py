@@ -14,7 +14,7 @@ import zlib
 import cv2
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
@@ -149,8 +149,6 @@ def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple
         name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
-            from detectron2.data import MetadataCatalog
-
             MetadataCatalog.remove(name)
         metadata = {"thing_classes": list(SYNTHETIC_CLASSES), "missing_hint": MISSING_HINT}
         register_coco_instances(name, metadata, _annotation_file(root, split), os.path.join(root, split))
@@ -158,12 +156,13 @@ def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple
 
 
 def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = True):
-    """detectron2 input dicts: `batch` random images size x 4/3 size (RGB uint8) with gt boxes and masks."""
+    """detectron2 input dicts: `batch` random RGB uint8 images of size x 4/3 size. For training, each has as
+    many random gt boxes (and diamond masks) as the RoI sampler's foreground quota, so that every step does
+    the same work whatever the model's weights predict (the benchmark's deterministic workload)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = size, round(size * 4 / 3)
-    num_instances = max(
-        1, round(cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE * cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION)
-    )
+    roi_heads = cfg.MODEL.ROI_HEADS
+    num_instances = max(1, round(roi_heads.BATCH_SIZE_PER_IMAGE * roi_heads.POSITIVE_FRACTION))
     inputs = []
     for _ in range(batch):
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
@@ -173,11 +172,10 @@ def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = 
             xy = torch.rand(num_instances, 2, generator=generator) * (1 - wh)
             x0, y0 = xy[:, 0] * width, xy[:, 1] * height
             x1, y1 = x0 + wh[:, 0] * width, y0 + wh[:, 1] * height
-            boxes = torch.stack([x0, y0, x1, y1], dim=1)
             instances = Instances((height, width))
-            instances.gt_boxes = Boxes(boxes)
+            instances.gt_boxes = Boxes(torch.stack([x0, y0, x1, y1], dim=1))
             instances.gt_classes = torch.randint(
-                0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (num_instances,), generator=generator
+                0, roi_heads.NUM_CLASSES, (num_instances,), generator=generator
             )
             if cfg.MODEL.MASK_ON:
                 # A diamond inscribed in each box: a real polygon, cheap to rasterize.
