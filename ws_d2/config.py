@@ -18,6 +18,20 @@ def add_ws_config(cfg):
     cfg.MODEL.WS.ENABLED = True
     # Added to the unbiased std outside the square root, as in the published checkpoints.
     cfg.MODEL.WS.EPS = 1e-5
+    # "std_plus_eps": (W - mean) / (std + eps), the GN+WS release; "sqrt_var_plus_eps": (W - mean) /
+    # sqrt(var + eps), the authors' BCN+WS release (their ImageNet BCN+WS weights need it). docs/BCN.md
+    cfg.MODEL.WS.FORMULA = "std_plus_eps"
+    # Batch-Channel Normalization (docs/BCN.md): ENABLED puts BCN wherever the model has a GroupNorm
+    # (backbone, FPN, conv heads of the GN+WS models): a batch step, GN without affine, a per-group affine.
+    cfg.MODEL.BCN = CN()
+    cfg.MODEL.BCN.ENABLED = False
+    # True: the batch step normalizes by estimated statistics (EstBN), for micro-batches; False: BatchNorm2d.
+    cfg.MODEL.BCN.ESTIMATE = True
+    cfg.MODEL.BCN.GROUPS = 32  # groups of the channel step and of the per-group affine (the authors': 32)
+    # EstBN's moving speed r for the t-th forward pass (micro-batch) of training: max(1 / (t + 1), this).
+    # 1/(t+1) makes the estimates the plain average of all batches so far; the floor then turns it into an
+    # exponential moving average over ~1/r_min passes that follows the changing weights.
+    cfg.MODEL.BCN.MIN_MOVING_SPEED = 0.01
     # Micro-batch accumulation: IMS_PER_BATCH stays the images per optimizer step; each step runs
     # ITER_SIZE forward/backward passes of IMS_PER_BATCH / (world size x ITER_SIZE) images.
     cfg.SOLVER.ITER_SIZE = 1

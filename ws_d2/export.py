@@ -36,7 +36,14 @@ COMPONENT_KEYS = {
 
 def stock_config(cfg):
     """`cfg` as detectron2's own config: ws_d2 component names replaced by the stock ones they wrap, and
-    every key that detectron2's get_cfg() lacks (MODEL.WS, other extensions' keys) dropped."""
+    every key that detectron2's get_cfg() lacks (MODEL.WS, other extensions' keys) dropped. A BCN model is
+    refused: detectron2 has no Batch-Channel Normalization, and its weights must not load into GN silently."""
+    bcn = cfg.MODEL.get("BCN")
+    if bcn is not None and bcn.ENABLED:
+        raise ConfigError(
+            "MODEL.BCN.ENABLED: detectron2 has no Batch-Channel Normalization layer, so a BCN+WS model has no "
+            "stock twin to export to; run it with ws_d2 (tools/demo.py --fold-ws folds its WS, BCN stays)"
+        )
     stock = _known_keys_only(cfg, get_cfg())
     for (node_name, key), registry in COMPONENT_KEYS.items():
         node = stock.MODEL[node_name]

@@ -4,6 +4,8 @@ One function per source layout (rename tables in ``layouts.py``):
 
 - ``convert_authors_checkpoint``: the authors' ImageNet GN+WS ResNet/ResNeXt (and MMDetection's re-hosted
   copies) -> the backbone of a ws_d2 model (``backbone.bottom_up.*`` for the FPN seed configs);
+- ``convert_authors_bcn_checkpoint``: the authors' ImageNet BCN+WS ResNet/ResNeXt -> the backbone of a BCN+WS
+  config (MODEL.BCN.ENABLED, MODEL.WS.FORMULA sqrt_var_plus_eps: the WS their models were trained with);
 - ``convert_mmdet_checkpoint``: MMDetection's trained GN+WS Faster/Mask R-CNN -> a full ws_d2 model;
 - ``convert_torchvision_checkpoint``: a torchvision (BatchNorm) ResNet -> the backbone of a BatchNorm config.
   A GN target is refused: BatchNorm statistics have no GroupNorm counterpart, and WS needs WS-pretrained
@@ -26,6 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model_zoo import get_config_file
 from .checkpointer import atomic_write
 from .layouts import (
+    BCN_RESNET_RULES,
     DETECTOR_RULES,
     RESNET_RULES,
     common_prefix,
@@ -38,6 +41,7 @@ from .safe_load import load_checkpoint_file
 
 __all__ = [
     "ConversionReport",
+    "convert_authors_bcn_checkpoint",
     "convert_authors_checkpoint",
     "convert_checkpoint",
     "convert_mmdet_checkpoint",
@@ -45,7 +49,7 @@ __all__ = [
     "seed_config_file",
 ]
 
-SOURCES = ("authors", "mmdet", "torchvision")
+SOURCES = ("authors", "authors_bcn", "mmdet", "torchvision")
 
 
 @dataclasses.dataclass
@@ -75,9 +79,12 @@ def _some(items, limit=6):
     return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
 
 
-def seed_config_file(architecture, mask_on=False):
-    """The seed config for an inferred architecture name such as 'R_50' or 'X_101_32x4d'."""
-    if mask_on:
+def seed_config_file(architecture, mask_on=False, bcn=False):
+    """The seed config for an inferred architecture name such as 'R_50' or 'X_101_32x4d' (with `bcn`: the
+    BCN+WS Mask R-CNN config)."""
+    if bcn:
+        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_bcn_ws_2x.yaml"
+    elif mask_on:
         name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_gn_ws_2x.yaml"
     else:
         name = f"COCO-Detection/faster_rcnn_{architecture}_FPN_gn_ws_1x.yaml"
@@ -89,8 +96,8 @@ def seed_config_file(architecture, mask_on=False):
         ) from None
 
 
-def _target(config_file, state_dict, prefix, mask_on=False):
-    """(config file, {name: shape} of the model it builds, its norm); the file defaults to the seed config of
+def _target(config_file, state_dict, prefix, mask_on=False, bcn=False):
+    """(config file, {name: shape} of the model it builds, its config); the file defaults to the seed config of
     the ResNet architecture under `prefix` in `state_dict`. The model is built on the meta device: no memory."""
     from detectron2.modeling import build_model
 
@@ -101,11 +108,11 @@ def _target(config_file, state_dict, prefix, mask_on=False):
             raise CheckpointError(
                 f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
             ) from None
-        config_file = seed_config_file(architecture, mask_on)
+        config_file = seed_config_file(architecture, mask_on, bcn)
     cfg = load_config(config_file, ["MODEL.DEVICE", "meta"])
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    return config_file, shapes, cfg.MODEL.RESNETS.NORM
+    return config_file, shapes, cfg
 
 
 def _checked(state_dict, rules, source_prefix, source, config_file, target_shapes, scope=""):
@@ -116,7 +123,12 @@ def _checked(state_dict, rules, source_prefix, source, config_file, target_shape
     origin = {scope + k: v for k, v in origin.items()}
     report = ConversionReport(source, os.path.basename(config_file), dropped=dropped)
     report.not_converted = [k for k in target_shapes if not k.startswith(scope)]
-    missing = [k for k in target_shapes if k.startswith(scope) and k not in renamed]
+    # a BatchNorm's step counter is no weight, and load_state_dict fills it in when absent
+    missing = [
+        k
+        for k in target_shapes
+        if k.startswith(scope) and k not in renamed and not k.endswith("num_batches_tracked")
+    ]
     wrong_shape = [
         f"{origin[k]} {tuple(renamed[k].shape)} -> {k} {shape}"
         for k, shape in target_shapes.items()
@@ -142,8 +154,25 @@ def _checked(state_dict, rules, source_prefix, source, config_file, target_shape
 def _convert_resnet(checkpoint, source, config_file):
     state_dict = unwrap_state_dict(checkpoint)
     prefix = common_prefix(state_dict)
-    config_file, target_shapes, norm = _target(config_file, state_dict, prefix)
-    if any(k.endswith("running_mean") for k in state_dict) and norm in ("GN", "SyncGN"):
+    bcn = source == "authors_bcn"
+    config_file, target_shapes, cfg = _target(config_file, state_dict, prefix, bcn=bcn)
+    name, norm = os.path.basename(config_file), cfg.MODEL.RESNETS.NORM
+    if bcn and not cfg.MODEL.BCN.ENABLED:
+        raise CheckpointError(
+            f"authors_bcn checkpoint holds BCN norms (bn*.pbn.*) and {name} has MODEL.BCN.ENABLED False: pass "
+            "a BCN+WS config, e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_bcn_ws_2x.yaml"
+        )
+    if bcn and cfg.MODEL.WS.FORMULA != "sqrt_var_plus_eps":
+        raise CheckpointError(
+            f"the authors' BCN+WS models were trained with WS (W - mean) / sqrt(var + eps) and {name} sets "
+            f"MODEL.WS.FORMULA {cfg.MODEL.WS.FORMULA}: set it to sqrt_var_plus_eps"
+        )
+    if source == "authors" and cfg.MODEL.BCN.ENABLED:
+        raise CheckpointError(
+            f"authors checkpoint holds GN+WS norms and {name} has MODEL.BCN.ENABLED True: BCN needs the "
+            "authors' BCN+WS weights (--source authors_bcn), or pass a GN+WS config"
+        )
+    if not bcn and any(k.endswith("running_mean") for k in state_dict) and norm in ("GN", "SyncGN"):
         raise CheckpointError(
             f"{source} checkpoint holds BatchNorm weights (running_mean/var), which have no GroupNorm counterpart, "
             f"and {os.path.basename(config_file)} uses {norm}. GN+WS needs WS-pretrained weights (the authors' "
@@ -153,13 +182,22 @@ def _convert_resnet(checkpoint, source, config_file):
     if len(stems) != 1:
         raise CheckpointError("the target config's model has no (single) ResNet stem to put the weights in")
     # the backbone's (bottom-up ResNet's) tensors must all come from the file; FPN and heads are new
-    return _checked(state_dict, RESNET_RULES, prefix, source, config_file, target_shapes, scope=stems[0])
+    rules = BCN_RESNET_RULES if bcn else RESNET_RULES
+    return _checked(state_dict, rules, prefix, source, config_file, target_shapes, scope=stems[0])
 
 
 def convert_authors_checkpoint(checkpoint, config_file=None):
     """The authors' ImageNet GN+WS ResNet/ResNeXt (bare state_dict, ``module.`` prefix, GN named ``bn*``;
     or MMDetection's re-hosted copy, ``gn*``, maybe under 'state_dict') -> ``({name: tensor}, report)``."""
     return _convert_resnet(checkpoint, "authors", config_file)
+
+
+def convert_authors_bcn_checkpoint(checkpoint, config_file=None):
+    """The authors' ImageNet BCN+WS ResNet/ResNeXt (bare state_dict, ``module.`` prefix; each norm ``bn*`` or
+    ``downsample.1`` a BCNorm: group affine (1, 32, 1) plus a BatchNorm2d ``pbn``) -> ``({name: tensor},
+    report)`` for a BCN+WS config. The ``pbn`` statistics become the BCN batch step's running statistics (the
+    initial EstBN estimates, or a frozen stage's fixed ones)."""
+    return _convert_resnet(checkpoint, "authors_bcn", config_file)
 
 
 def convert_torchvision_checkpoint(checkpoint, config_file=None):
@@ -184,6 +222,7 @@ def convert_mmdet_checkpoint(checkpoint, config_file=None):
 
 _CONVERTERS = {
     "authors": convert_authors_checkpoint,
+    "authors_bcn": convert_authors_bcn_checkpoint,
     "mmdet": convert_mmdet_checkpoint,
     "torchvision": convert_torchvision_checkpoint,
 }
@@ -220,7 +259,7 @@ def convert_checkpoint(src, dst, source="auto", config_file=None):
             )
         source = detect_layout(unwrap_state_dict(checkpoint))
         if source is None:
-            raise CheckpointError(f"{src}: not a known layout (authors, mmdet, torchvision); pass --source")
+            raise CheckpointError(f"{src}: not a known layout ({', '.join(SOURCES)}); pass --source")
     state_dict, report = _CONVERTERS[source](checkpoint, config_file)
     save_converted(state_dict, dst)
     return report

@@ -1,4 +1,4 @@
-"""Rename-rule tables from published GN+WS checkpoint layouts to detectron2 (ws_d2) parameter names.
+"""Rename-rule tables from published GN+WS and BCN+WS checkpoint layouts to detectron2 (ws_d2) parameter names.
 
 Each table is a list of ``(source regex, target template or None, why)``. A template is filled from the
 regex's named groups plus the derived indices below; ``None`` drops the key, and ``why`` says why in the
@@ -21,6 +21,25 @@ RESNET_RULES = [
     (rf"{_BLOCK}\.downsample\.1\.{_NORM}", "res{stage}.{block}.shortcut.norm.{param}", None),
     (r"fc\.(weight|bias)", None, "ImageNet classifier: no counterpart in a detector"),
     (r".*num_batches_tracked", None, "BatchNorm step counter: not a weight"),
+]
+
+# The authors' ImageNet BCN+WS ResNet/ResNeXt (rn50_bcn_ws.pth, ...) -> detectron2 ResNet with MODEL.BCN. Each
+# norm is a BCNorm: a per-group affine `weight`/`bias` (1, 32, 1) and its batch step, a BatchNorm2d `pbn`.
+_BCN = r"(?P<param>weight|bias)"
+_PBN = r"pbn\.(?P<param>weight|bias|running_mean|running_var)"
+BCN_RESNET_RULES = [
+    (r"conv1\.weight", "stem.conv1.weight", None),
+    (rf"bn1\.{_BCN}", "stem.conv1.norm.{param}", None),
+    (rf"bn1\.{_PBN}", "stem.conv1.norm.batch_norm.{param}", None),
+    (rf"{_BLOCK}\.conv(?P<k>\d)\.weight", "res{stage}.{block}.conv{k}.weight", None),
+    (rf"{_BLOCK}\.bn(?P<k>\d)\.{_BCN}", "res{stage}.{block}.conv{k}.norm.{param}", None),
+    (rf"{_BLOCK}\.bn(?P<k>\d)\.{_PBN}", "res{stage}.{block}.conv{k}.norm.batch_norm.{param}", None),
+    (rf"{_BLOCK}\.downsample\.0\.weight", "res{stage}.{block}.shortcut.weight", None),
+    (rf"{_BLOCK}\.downsample\.1\.{_BCN}", "res{stage}.{block}.shortcut.norm.{param}", None),
+    (rf"{_BLOCK}\.downsample\.1\.{_PBN}", "res{stage}.{block}.shortcut.norm.batch_norm.{param}", None),
+    (r"fc\.(weight|bias)", None, "ImageNet classifier: no counterpart in a detector"),
+    (r".*num_batches_tracked", None, "BatchNorm step counter: not a weight"),
+    (r".*estbn_moving_speed", None, "EstBN moving speed: ws_d2 sets it every training pass (MODEL.BCN)"),
 ]
 
 # MMDetection (v2 layout) Faster/Mask R-CNN with FPN, 4conv1fc box head and 4-conv mask head -> detectron2
@@ -100,7 +119,7 @@ def common_prefix(state_dict, prefix="module."):
 
 
 def detect_layout(state_dict):
-    """'mmdet', 'authors' or 'torchvision' for a state_dict; None if it is none of them."""
+    """'mmdet', 'authors', 'authors_bcn' or 'torchvision' for a state_dict; None if it is none of them."""
     prefix = common_prefix(state_dict)
     keys = [key[len(prefix) :] for key in state_dict]
     if any(k.startswith("backbone.") for k in keys) and any(
@@ -108,6 +127,8 @@ def detect_layout(state_dict):
     ):
         return "mmdet"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        if any(k.startswith("bn1.pbn.") for k in keys):  # the stem norm is a BCNorm with its batch step
+            return "authors_bcn"
         return "torchvision" if any(k.endswith("running_mean") for k in keys) else "authors"
     return None
 

@@ -38,12 +38,15 @@ class MicroBatchTrainer(SimpleTrainer):
     box losses when every image contributes the same number of sampled RoIs); see docs/TRAINING.md.
     Under DDP the gradient all-reduce runs once per step, on the last micro-batch (`no_sync` before it).
     With a `grad_scaler` the passes run under CUDA autocast (mixed precision), like detectron2's AMPTrainer.
+    With a `moving_speed` schedule (BCN's EstBN, ws_d2.engine.MovingSpeedSchedule) r is set before every
+    forward pass from the number of passes so far, step x iter_size + micro-batch index.
     """
 
-    def __init__(self, model, data_loader, optimizer, iter_size=1, grad_scaler=None):
+    def __init__(self, model, data_loader, optimizer, iter_size=1, grad_scaler=None, moving_speed=None):
         super().__init__(model, data_loader, optimizer)
         self.iter_size = iter_size
         self.grad_scaler = grad_scaler
+        self.moving_speed = moving_speed
 
     def _forward_backward(self, data):
         autocast = torch.autocast("cuda") if self.grad_scaler is not None else contextlib.nullcontext()
@@ -67,6 +70,8 @@ class MicroBatchTrainer(SimpleTrainer):
             data_time += time.perf_counter() - start
             last = index == self.iter_size - 1
             skip_sync = isinstance(self.model, DistributedDataParallel) and not last
+            if self.moving_speed is not None:
+                self.moving_speed.apply(self.model, self.iter * self.iter_size + index)
             with self.model.no_sync() if skip_sync else contextlib.nullcontext():
                 loss_dicts.append(self._forward_backward(data))
         # logged losses are the step's mean over micro-batches, comparable across ITER_SIZE settings

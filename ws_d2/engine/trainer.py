@@ -1,5 +1,5 @@
 """WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo data parallelism, AMP checks,
-COCO evaluation and ws_d2's safe, atomic checkpointer.
+COCO evaluation, BCN's moving-speed schedule and ws_d2's safe, atomic checkpointer.
 
 Only the constructor is ws_d2's own: DefaultTrainer's hard-codes SimpleTrainer/AMPTrainer and
 DetectionCheckpointer. Hooks, resume, the training loop, testing and the build_* functions are DefaultTrainer's.
@@ -20,6 +20,7 @@ from ..backports import create_ddp_model
 from ..checkpoint import WSCheckpointer
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
+from .moving_speed import MovingSpeedSchedule
 
 __all__ = ["WSTrainer", "check_trainable"]
 
@@ -48,7 +49,14 @@ class WSTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
-        self._trainer = MicroBatchTrainer(model, data_loader, optimizer, cfg.SOLVER.ITER_SIZE, grad_scaler)
+        self._trainer = MicroBatchTrainer(
+            model,
+            data_loader,
+            optimizer,
+            cfg.SOLVER.ITER_SIZE,
+            grad_scaler,
+            moving_speed=MovingSpeedSchedule.from_config(cfg),
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0

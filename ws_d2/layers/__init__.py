@@ -1,3 +1,4 @@
-from .ws_conv import WSConv2d, standardize_weight
+from .batch_channel_norm import BatchChannelNorm, EstBN, set_moving_speed
+from .ws_conv import WS_FORMULAS, WSConv2d, standardize_weight
 
-__all__ = ["WSConv2d", "standardize_weight"]
+__all__ = ["WS_FORMULAS", "BatchChannelNorm", "EstBN", "WSConv2d", "set_moving_speed", "standardize_weight"]

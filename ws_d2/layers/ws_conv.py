@@ -5,6 +5,9 @@ UNBIASED std (N-1) and eps added to the std outside the square root. This is wha
 their maskrcnn-benchmark fork and mmcv's ConvWS compute; the paper's Eq. 2 (biased variance, eps inside
 the root) and timm's StdConv2d differ by up to 1e-2 after GN on small-std weights, so they would not
 reproduce the released checkpoints.
+
+The authors' BCN+WS release computes WS differently, W_hat = (W - mean_c) / sqrt(var_c + eps) with the same
+unbiased variance but eps INSIDE the root: `formula="sqrt_var_plus_eps"` reproduces it (docs/BCN.md).
 """
 
 import torch
@@ -12,15 +15,32 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch.autograd.function import once_differentiable
 
-__all__ = ["WSConv2d", "standardize_weight"]
+from ..errors import ConfigError
+
+__all__ = ["WS_FORMULAS", "WSConv2d", "standardize_weight"]
+
+# "std_plus_eps": (W - mean) / (std + eps), the GN+WS release (the default);
+# "sqrt_var_plus_eps": (W - mean) / sqrt(var + eps), the BCN+WS release. Both with the unbiased (N-1) variance.
+WS_FORMULAS = ("std_plus_eps", "sqrt_var_plus_eps")
 
 
-def _standardize_rows(flat, eps):
-    """(W_hat, mean, std, 1 / (std + eps)) per row, in one allocating pass and two reductions."""
+def _check_formula(formula):
+    if formula not in WS_FORMULAS:
+        raise ConfigError(f"unknown WS formula {formula!r}; expected one of {', '.join(WS_FORMULAS)}")
+    return formula
+
+
+def _standardize_rows(flat, eps, formula="std_plus_eps"):
+    """(W_hat, mean, std, 1 / denominator) per row, in one allocating pass and two reductions. The denominator
+    is std + eps, or sqrt(var + eps) for the "sqrt_var_plus_eps" formula (where `std` is then unused)."""
     n = flat.shape[1]
     mean = flat.mean(dim=1, keepdim=True)
     w_hat = flat - mean
-    std = torch.linalg.vecdot(w_hat, w_hat, dim=1).div_(n - 1).sqrt_().unsqueeze(1)
+    var = torch.linalg.vecdot(w_hat, w_hat, dim=1).div_(n - 1).unsqueeze(1)
+    if formula == "sqrt_var_plus_eps":
+        inv_denom = (var + eps).rsqrt_()
+        return w_hat.mul_(inv_denom), mean, inv_denom, inv_denom
+    std = var.sqrt_()
     inv_denom = (std + eps).reciprocal_()
     return w_hat.mul_(inv_denom), mean, std, inv_denom
 
@@ -30,12 +50,16 @@ def _apply_statistics(flat, mean, inv_denom):
     return (flat - mean).mul_(inv_denom)
 
 
-def _standardize_rows_backward(grad_w_hat, w_hat, std, inv_denom):
-    # dL/dW = (g - mean(g)) / (std + eps) - W_hat * sum(g * W_hat) / ((N-1) std).
+def _standardize_rows_backward(grad_w_hat, w_hat, std, inv_denom, formula="std_plus_eps"):
+    # std + eps:       dL/dW = (g - mean(g)) / (std + eps) - W_hat * sum(g * W_hat) / ((N-1) std).
+    # sqrt(var + eps): dL/dW = (g - mean(g)) / sqrt(var + eps) - W_hat * sum(g * W_hat) / ((N-1) sqrt(var + eps)).
     # A zero-variance filter has W_hat = 0, so the last term vanishes: keep its factor finite there.
     n = w_hat.shape[1]
     dot = torch.linalg.vecdot(grad_w_hat, w_hat, dim=1).unsqueeze(1)
-    w_hat_coef = torch.where(std > 0, dot / ((n - 1) * std), torch.zeros_like(dot)).neg_()
+    if formula == "sqrt_var_plus_eps":
+        w_hat_coef = dot.mul_(inv_denom).div_(-(n - 1))
+    else:
+        w_hat_coef = torch.where(std > 0, dot / ((n - 1) * std), torch.zeros_like(dot)).neg_()
     grad = torch.addcmul(grad_w_hat.sum(dim=1, keepdim=True).mul_(inv_denom).div_(-n), grad_w_hat, inv_denom)
     return grad.addcmul_(w_hat, w_hat_coef)
 
@@ -51,17 +75,20 @@ class _StandardizeWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, eps):
-        w_hat, _, std, inv_denom = _standardize_rows(weight.reshape(weight.shape[0], -1), eps)
+    def forward(ctx, weight, eps, formula):
+        w_hat, _, std, inv_denom = _standardize_rows(weight.reshape(weight.shape[0], -1), eps, formula)
         ctx.save_for_backward(w_hat, std, inv_denom)
+        ctx.formula = formula
         return w_hat.view_as(weight)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         w_hat, std, inv_denom = ctx.saved_tensors
-        grad = _standardize_rows_backward(grad_output.reshape(w_hat.shape), w_hat, std, inv_denom)
-        return grad.view_as(grad_output), None
+        grad = _standardize_rows_backward(
+            grad_output.reshape(w_hat.shape), w_hat, std, inv_denom, ctx.formula
+        )
+        return grad.view_as(grad_output), None, None
 
 
 class _WSConvolution(torch.autograd.Function):
@@ -72,10 +99,11 @@ class _WSConvolution(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, eps, formula, stride, padding, dilation, groups):
         flat = weight.reshape(weight.shape[0], -1)
-        w_hat, mean, std, inv_denom = _standardize_rows(flat, eps)
+        w_hat, mean, std, inv_denom = _standardize_rows(flat, eps, formula)
         ctx.save_for_backward(x, weight, mean, std, inv_denom)
+        ctx.formula = formula
         ctx.conv_args = (None if bias is None else list(bias.shape), stride, padding, dilation, groups)
         return F.conv2d(x, w_hat.view_as(weight), bias, stride, padding, dilation, groups)
 
@@ -101,23 +129,28 @@ class _WSConvolution(torch.autograd.Function):
         )
         grad_weight = None
         if needs_weight:
-            grad_weight = _standardize_rows_backward(grad_w_hat.reshape(w_hat.shape), w_hat, std, inv_denom)
+            grad_weight = _standardize_rows_backward(
+                grad_w_hat.reshape(w_hat.shape), w_hat, std, inv_denom, ctx.formula
+            )
             grad_weight = grad_weight.view_as(weight)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _compute_dtype(weight):
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Standardize a conv weight per output channel: (W - mean) / (unbiased std + eps).
+def standardize_weight(
+    weight: torch.Tensor, eps: float = 1e-5, formula: str = "std_plus_eps"
+) -> torch.Tensor:
+    """Standardize a conv weight per output channel: (W - mean) / (unbiased std + eps), or with
+    `formula="sqrt_var_plus_eps"` (W - mean) / sqrt(unbiased var + eps).
 
     Statistics are computed in float32 (or float64 for float64 weights) even under autocast, and the
     result has the weight's dtype.
     """
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        w_hat = _StandardizeWeight.apply(weight.to(_compute_dtype(weight)), eps)
+        w_hat = _StandardizeWeight.apply(weight.to(_compute_dtype(weight)), eps, _check_formula(formula))
     return w_hat.to(weight.dtype)
 
 
@@ -132,7 +165,7 @@ def conv2d_arguments(conv: Conv2d) -> dict:
 class WSConv2d(Conv2d):
     """detectron2's Conv2d (conv + optional norm + activation) with a weight-standardized weight.
 
-    Same constructor (plus `eps`), same parameters and state_dict keys as Conv2d: checkpoints store
+    Same constructor (plus `eps` and `formula`, one of WS_FORMULAS), same parameters and state_dict keys as Conv2d: checkpoints store
     the raw weight and WS is applied on every forward. In training, WS runs inside the conv's autograd
     node so that only the raw weight is kept for backward (no extra weight-sized memory).
 
@@ -148,30 +181,32 @@ class WSConv2d(Conv2d):
     be seen: write under `torch.no_grad()` instead, or call `clear_ws_cache()` afterwards.
     """
 
-    def __init__(self, *args, eps: float = 1e-5, **kwargs):
+    def __init__(self, *args, eps: float = 1e-5, formula: str = "std_plus_eps", **kwargs):
         super().__init__(*args, **kwargs)
         self.eps = eps
+        self.formula = _check_formula(formula)
         self._ws_statistics = None
 
     @classmethod
-    def from_conv2d(cls, conv: Conv2d, eps: float = 1e-5) -> "WSConv2d":
+    def from_conv2d(cls, conv: Conv2d, eps: float = 1e-5, formula: str = "std_plus_eps") -> "WSConv2d":
         """A WSConv2d sharing `conv`'s parameters, norm and activation."""
         # parameters are replaced just below: allocate nothing
-        ws = cls(**conv2d_arguments(conv), eps=eps, device="meta")
+        ws = cls(**conv2d_arguments(conv), eps=eps, formula=formula, device="meta")
         ws.weight = conv.weight
         ws.bias = conv.bias
         ws.train(conv.training)
         return ws
 
     def extra_repr(self):
-        return super().extra_repr() + f", ws_eps={self.eps}"
+        formula = "" if self.formula == "std_plus_eps" else f", ws_formula={self.formula}"
+        return super().extra_repr() + f", ws_eps={self.eps}" + formula
 
     def standardized_weight(self) -> torch.Tensor:
         """W_hat of the current weight: differentiable when the weight needs a gradient, else built
         from the cached statistics."""
         weight = self.weight
         if torch.is_grad_enabled() and weight.requires_grad:
-            return standardize_weight(weight, self.eps)
+            return standardize_weight(weight, self.eps, self.formula)
         mean, inv_denom = self.ws_statistics()
         with torch.autocast(device_type=weight.device.type, enabled=False):
             flat = weight.detach().reshape(weight.shape[0], -1).to(mean.dtype)
@@ -179,12 +214,20 @@ class WSConv2d(Conv2d):
         return w_hat.view_as(weight).to(weight.dtype)
 
     def ws_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1 / (std + eps)) per output channel, as (out_channels, 1) float32/float64 columns,
+        """(mean, 1 / denominator) per output channel, as (out_channels, 1) float32/float64 columns,
         recomputed only when the weight has changed since the last call."""
         weight = self.weight
         # Any change of the weight's values changes its address, its in-place version counter or its
         # dtype. The cache holds the weight's storage, so its address cannot be reused meanwhile.
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape, self.eps)
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            weight.dtype,
+            weight.device,
+            weight.shape,
+            self.eps,
+            self.formula,
+        )
         cache = self._ws_statistics
         if cache is None or cache[0] != key:
             # Outside inference mode: statistics cached under torch.inference_mode() must stay usable
@@ -192,7 +235,7 @@ class WSConv2d(Conv2d):
             with torch.inference_mode(False), torch.no_grad():
                 with torch.autocast(device_type=weight.device.type, enabled=False):
                     flat = weight.reshape(weight.shape[0], -1).to(_compute_dtype(weight))
-                    _, mean, _, inv_denom = _standardize_rows(flat, self.eps)
+                    _, mean, _, inv_denom = _standardize_rows(flat, self.eps, self.formula)
             self._ws_statistics = cache = (key, weight.untyped_storage(), mean, inv_denom)
         return cache[2], cache[3]
 
@@ -226,7 +269,15 @@ class WSConv2d(Conv2d):
             # Training: the memory-lean fused path. Under autocast (or for half weights) the composite
             # path below keeps the statistics in fp32 and lets autocast cast W_hat for the conv.
             x = _WSConvolution.apply(
-                x, weight, self.bias, self.eps, self.stride, self.padding, self.dilation, self.groups
+                x,
+                weight,
+                self.bias,
+                self.eps,
+                self.formula,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
             )
         else:
             x = F.conv2d(

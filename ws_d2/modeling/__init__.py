@@ -1,6 +1,7 @@
 from . import backbone as _backbone  # noqa: F401  (registration)
 from . import heads as _heads  # noqa: F401  (registration)
 from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone
+from .bcn_convert import convert_to_bcn, count_bcn
 from .heads import WSFastRCNNConvFCHead, WSMaskRCNNConvUpsampleHead
 from .ws_convert import convert_to_ws, count_ws_convs, fold_ws
 
@@ -9,7 +10,9 @@ __all__ = [
     "WSMaskRCNNConvUpsampleHead",
     "build_ws_resnet_backbone",
     "build_ws_resnet_fpn_backbone",
+    "convert_to_bcn",
     "convert_to_ws",
+    "count_bcn",
     "count_ws_convs",
     "fold_ws",
 ]

@@ -1,7 +1,8 @@
-"""GN+WS ResNet/ResNeXt backbones: detectron2's own builders with WS put on the normalized convs.
+"""GN+WS (and BCN+WS) ResNet/ResNeXt backbones: detectron2's own builders with WS put on the normalized convs.
 
 Depth (R-18/34/50/101/152), ResNeXt groups and width, norm, stride placement and freezing all come
-from detectron2's usual MODEL.RESNETS / MODEL.FPN keys; MODEL.WS.ENABLED False gives the GN twin.
+from detectron2's usual MODEL.RESNETS / MODEL.FPN keys; MODEL.WS.ENABLED False gives the GN twin, and
+MODEL.BCN.ENABLED True turns every GroupNorm into Batch-Channel Normalization.
 """
 
 from detectron2.layers import ShapeSpec
@@ -9,22 +10,39 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import build_resnet_backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
+from ..errors import ConfigError
+from .bcn_convert import convert_to_bcn
 from .ws_convert import convert_to_ws
 
-__all__ = ["build_ws_resnet_backbone", "build_ws_resnet_fpn_backbone", "maybe_convert_to_ws"]
+__all__ = ["build_ws_resnet_backbone", "build_ws_resnet_fpn_backbone", "convert_by_config"]
 
 
-def maybe_convert_to_ws(module, cfg):
-    return convert_to_ws(module, cfg.MODEL.WS.EPS) if cfg.MODEL.WS.ENABLED else module
+def convert_by_config(module, cfg, prefix=""):
+    """BCN in place of every GroupNorm (MODEL.BCN.ENABLED), then WS on every normalized conv (MODEL.WS)."""
+    if cfg.MODEL.BCN.ENABLED:
+        convert_to_bcn(module, cfg.MODEL.BCN.GROUPS, cfg.MODEL.BCN.ESTIMATE, prefix)
+    if cfg.MODEL.WS.ENABLED:
+        convert_to_ws(module, cfg.MODEL.WS.EPS, cfg.MODEL.WS.FORMULA)
+    return module
+
+
+def _check_bcn_norm(cfg):
+    if cfg.MODEL.BCN.ENABLED and cfg.MODEL.RESNETS.NORM != "GN":
+        raise ConfigError(
+            f"MODEL.BCN.ENABLED puts BCN where the model has GroupNorm, but MODEL.RESNETS.NORM is "
+            f"'{cfg.MODEL.RESNETS.NORM}': set it to GN"
+        )
 
 
 @BACKBONE_REGISTRY.register()
 def build_ws_resnet_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet with WS on the stem, every block conv and every shortcut conv."""
-    return maybe_convert_to_ws(build_resnet_backbone(cfg, input_shape), cfg)
+    _check_bcn_norm(cfg)
+    return convert_by_config(build_resnet_backbone(cfg, input_shape), cfg, "backbone.")
 
 
 @BACKBONE_REGISTRY.register()
 def build_ws_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet-FPN with WS on the ResNet convs and the FPN lateral and output convs."""
-    return maybe_convert_to_ws(build_resnet_fpn_backbone(cfg, input_shape), cfg)
+    _check_bcn_norm(cfg)
+    return convert_by_config(build_resnet_fpn_backbone(cfg, input_shape), cfg, "backbone.")

@@ -1,7 +1,8 @@
-"""GN+WS RoI heads: detectron2's 4conv1fc box head and mask head with WS on their normalized convs.
+"""GN+WS (and BCN+WS) RoI heads: detectron2's 4conv1fc box head and mask head with WS on their normalized convs.
 
 Subclasses (not copies) of detectron2's heads, registered under new names; the fc layers, the box
-predictor, the mask deconv and the mask predictor stay plain.
+predictor, the mask deconv and the mask predictor stay plain. With MODEL.BCN.ENABLED their GroupNorms
+become Batch-Channel Normalization.
 """
 
 from typing import Optional
@@ -10,31 +11,53 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
+from .bcn_convert import convert_to_bcn
 from .ws_convert import convert_to_ws
 
 __all__ = ["WSFastRCNNConvFCHead", "WSMaskRCNNConvUpsampleHead"]
 
 
 class _WSConvs:
-    """Put before a detectron2 head class: WS on the head's normalized convs (ws_eps=None: the plain head)."""
+    """Put before a detectron2 head class: WS on the head's normalized convs (ws_eps=None: the plain head),
+    after BCN in place of its GroupNorms (bcn: convert_to_bcn's keyword arguments; None: keep GN)."""
+
+    _bcn_prefix = ""
 
     @configurable
-    def __init__(self, input_shape, *, ws_eps: Optional[float] = 1e-5, **kwargs):
+    def __init__(
+        self,
+        input_shape,
+        *,
+        ws_eps: Optional[float] = 1e-5,
+        ws_formula: str = "std_plus_eps",
+        bcn: Optional[dict] = None,
+        **kwargs,
+    ):
         super().__init__(input_shape, **kwargs)
+        if bcn is not None:
+            convert_to_bcn(self, prefix=self._bcn_prefix, **bcn)
         if ws_eps is not None:
-            convert_to_ws(self, ws_eps)
+            convert_to_ws(self, ws_eps, ws_formula)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ws_eps = cfg.MODEL.WS.EPS if cfg.MODEL.WS.ENABLED else None
-        return {**super().from_config(cfg, input_shape), "ws_eps": ws_eps}
+        bcn = None
+        if cfg.MODEL.BCN.ENABLED:
+            bcn = {"groups": cfg.MODEL.BCN.GROUPS, "estimate": cfg.MODEL.BCN.ESTIMATE}
+        arguments = {"ws_eps": ws_eps, "ws_formula": cfg.MODEL.WS.FORMULA, "bcn": bcn}
+        return {**super().from_config(cfg, input_shape), **arguments}
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
 class WSFastRCNNConvFCHead(_WSConvs, FastRCNNConvFCHead):
     """FastRCNNConvFCHead with WS on its convs."""
 
+    _bcn_prefix = "roi_heads.box_head."
+
 
 @ROI_MASK_HEAD_REGISTRY.register()
 class WSMaskRCNNConvUpsampleHead(_WSConvs, MaskRCNNConvUpsampleHead):
     """MaskRCNNConvUpsampleHead with WS on its convs."""
+
+    _bcn_prefix = "roi_heads.mask_head."

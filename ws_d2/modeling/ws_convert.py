@@ -9,18 +9,21 @@ from ws_d2.layers.ws_conv import conv2d_arguments
 __all__ = ["convert_to_ws", "fold_ws", "count_ws_convs"]
 
 
-def convert_to_ws(module: torch.nn.Module, eps: float = 1e-5) -> torch.nn.Module:
+def convert_to_ws(
+    module: torch.nn.Module, eps: float = 1e-5, formula: str = "std_plus_eps"
+) -> torch.nn.Module:
     """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters.
 
     detectron2's ResNet stem, blocks and shortcuts, FPN lateral/output convs and the conv heads build
     `Conv2d(..., norm=...)`; the RPN convs, the predictors and the mask deconv carry no norm (or are
-    other classes) and stay plain, as in the published GN+WS models. Returns `module` (changed in place;
+    other classes) and stay plain, as in the published GN+WS models. `formula` is one of
+    `ws_d2.layers.WS_FORMULAS` (by default the GN+WS release's). Returns `module` (changed in place;
     a `Conv2d` passed directly is returned converted).
     """
     if _needs_ws(module):
-        return WSConv2d.from_conv2d(module, eps)
+        return WSConv2d.from_conv2d(module, eps, formula)
     for name, child in module.named_children():
-        converted = convert_to_ws(child, eps)
+        converted = convert_to_ws(child, eps, formula)
         if converted is not child:
             _replace_child(module, name, child, converted)
     return module
@@ -30,7 +33,8 @@ def fold_ws(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every `WSConv2d` by a plain `Conv2d` holding its standardized weight.
 
     The outputs are identical and the module needs nothing from ws_d2 any more: its state_dict loads
-    into detectron2's stock GN model of the same config. Changes `module` in place and returns it.
+    into detectron2's stock GN model of the same config. Batch-Channel Normalization layers stay as they are
+    (detectron2 has none): a folded BCN+WS model still needs ws_d2. Changes `module` in place and returns it.
     """
     if isinstance(module, WSConv2d):
         return _fold_one(module)

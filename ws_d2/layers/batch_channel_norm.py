@@ -1,0 +1,151 @@
+"""Batch-Channel Normalization (BCN): a per-channel batch step, then a per-sample channel (group) step.
+
+With the numerics of the authors' code (Qiao et al., arXiv:1903.10520; docs/BCN.md):
+
+1. batch step, per channel c with a per-channel affine (gamma_c, beta_c):
+   - ``nn.BatchNorm2d(C)`` (eps 1e-5, momentum 0.1): batch statistics in training, running ones in eval; or
+   - ``EstBN(C)``: ``(x - mu_hat_c) / sqrt(var_hat_c + 1e-5)`` with ESTIMATED statistics in training too;
+2. channel step: group normalization over G groups per sample, no affine (biased variance, eps inside the
+   root): ``F.group_norm(x, G, eps=eps)``;
+3. a per-GROUP affine: weight and bias of shape (1, G, 1), broadcast over each group's C/G x H x W values.
+
+In eval mode neither step looks at other samples of the batch: the output of an image does not depend on
+what it is batched with.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["BatchChannelNorm", "EstBN", "set_moving_speed"]
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class EstBN(nn.Module):
+    """Per-channel normalization by estimated statistics, then a per-channel affine.
+
+    Every forward, in training too, computes ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``
+    with no gradient through the statistics. Each training forward first updates the estimates, under no_grad,
+    with the moving speed r (the buffer ``estbn_moving_speed``)::
+
+        running_mean <- (1 - r) running_mean + r mean_b(x)
+        running_var  <- (1 - r) running_var  + r mean_b((x - running_mean_old)^2)   (biased, around the OLD mean)
+
+    where mean_b averages over the batch and the spatial positions, and then normalizes with the new
+    estimates (the authors' order). r starts at 0, where the estimates never move: ws_d2's trainer sets it
+    before every forward pass from the configured schedule (``ws_d2.engine.MovingSpeedSchedule``), so it is not
+    saved in checkpoints (``persistent=False``).
+
+    Under torch.distributed the batch moments are summed over all processes before the update (one small
+    all-reduce per forward; every process must run the same forwards), so the estimates stay identical on
+    every rank even with DDP's ``broadcast_buffers=False``. An empty input leaves them unchanged.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("estbn_moving_speed", torch.zeros(()), persistent=False)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"
+
+    @torch.no_grad()
+    def update_estimates(self, x: torch.Tensor):
+        """One moving-average step of the estimates with the batch moments of `x` (all ranks' batches)."""
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean_old = self.running_mean.view(1, -1, *([1] * (x.dim() - 2)))
+        # out of place: never write into `x` (a transposed copy of it is `x` itself at N = 1)
+        moments = torch.cat(
+            [
+                x.sum(dims, dtype=self.running_mean.dtype),
+                (x - mean_old).square().sum(dims, dtype=self.running_mean.dtype),
+                self.running_mean.new_tensor([x.numel() // max(x.shape[1], 1)]),
+            ]
+        )
+        if _distributed():
+            dist.all_reduce(moments)
+        count = moments[-1]
+        batch_mean, batch_var = (moments[:-1] / count.clamp(min=1)).split(self.num_features)
+        r = self.estbn_moving_speed * (count > 0)  # an empty batch (e.g. no mask RoI anywhere) moves nothing
+        self.running_mean.lerp_(batch_mean, r)
+        self.running_var.lerp_(batch_var, r)
+
+    def forward(self, x):
+        if self.training:
+            self.update_estimates(x)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+        )
+
+
+def set_moving_speed(module: nn.Module, speed: float) -> int:
+    """Set r of every EstBN in `module` (for a training loop of one's own); returns how many there are."""
+    estimators = [m for m in module.modules() if isinstance(m, EstBN)]
+    for m in estimators:
+        m.estbn_moving_speed.fill_(speed)
+    return len(estimators)
+
+
+class BatchChannelNorm(nn.Module):
+    """BCN over C channels: batch step (BatchNorm2d, or EstBN with `estimate`), group step without affine,
+    per-group affine of shape (1, G, 1). See the module docstring for the numerics.
+
+    `frozen` (a frozen stage of a backbone) makes the batch step a FrozenBatchNorm2d (fixed statistics, as
+    detectron2's freezing does to a BatchNorm2d; for EstBN these are its estimates, which then stop moving) and
+    turns off the gradients of every parameter. `name` is used in error messages.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_groups: int = 32,
+        eps: float = 1e-5,
+        estimate: bool = True,
+        frozen: bool = False,
+        name: str = "",
+    ):
+        super().__init__()
+        self.name = name or "BatchChannelNorm"
+        if num_channels % num_groups:
+            raise ConfigError(
+                f"{self.name}: {num_channels} channels do not divide into {num_groups} BCN groups"
+            )
+        self.num_channels, self.num_groups, self.eps, self.estimate = num_channels, num_groups, eps, estimate
+        self.weight = nn.Parameter(torch.ones(1, num_groups, 1))
+        self.bias = nn.Parameter(torch.zeros(1, num_groups, 1))
+        if frozen:
+            self.batch_norm = FrozenBatchNorm2d(num_channels)
+            for p in self.parameters():
+                p.requires_grad_(False)
+        else:
+            self.batch_norm = EstBN(num_channels) if estimate else nn.BatchNorm2d(num_channels)
+
+    def extra_repr(self):
+        return f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}"
+
+    def forward(self, x):
+        if self.training and isinstance(self.batch_norm, nn.BatchNorm2d) and x.numel() == x.shape[1]:
+            raise ConfigError(
+                f"{self.name}: the BN step of batch-channel norm needs more than one value per channel in "
+                f"training, got an input of shape {tuple(x.shape)} (one image, 1x1 map): use larger images "
+                "or batches, or MODEL.BCN.ESTIMATE True"
+            )
+        x = self.batch_norm(x)
+        # explicit sizes: an empty batch (no RoI for the mask head) has no -1 to infer
+        per_group = math.prod(x.shape[1:]) // self.num_groups
+        out = F.group_norm(x, self.num_groups, eps=self.eps).view(x.shape[0], self.num_groups, per_group)
+        return torch.addcmul(self.bias, out, self.weight).view_as(x)
