@@ -97,7 +97,9 @@ def main(argv=None):
     trained = WSTrainer.test(cfg, trainer.model)
 
     final_weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    weights_cfg = ws_d2.load_config(config_file, [*args.opts, "MODEL.WEIGHTS", final_weights])
+    # drawn as tools/demo.py draws by default: detections scoring at least 0.5
+    draw_opts = ["MODEL.WEIGHTS", final_weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.5"]
+    weights_cfg = ws_d2.load_config(config_file, [*args.opts, *draw_opts])
     images = sorted((Path(root) / "val").iterdir())[: args.demo_images]
     drawn = draw_predictions(weights_cfg, images, os.path.join(cfg.OUTPUT_DIR, "demo"))
     summary = {

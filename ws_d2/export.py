@@ -42,7 +42,7 @@ def stock_config(cfg):
     if bcn is not None and bcn.ENABLED:
         raise ConfigError(
             "MODEL.BCN.ENABLED: detectron2 has no Batch-Channel Normalization layer, so a BCN+WS model has no "
-            "stock twin to export to; run it with ws_d2 (tools/demo.py --fold-ws folds its WS, BCN stays)"
+            "stock twin to export to; run it with ws_d2 (fold_ws folds its WS and keeps BCN)"
         )
     stock = _known_keys_only(cfg, get_cfg())
     for (node_name, key), registry in COMPONENT_KEYS.items():

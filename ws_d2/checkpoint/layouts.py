@@ -8,39 +8,43 @@ silently lost.
 
 import re
 
-# torchvision-style ResNet (the authors' ImageNet files, MMDetection's re-hosted copies, torchvision itself)
-# -> detectron2 ResNet. The authors name their GroupNorms bn*, MMDetection names them gn*.
-_NORM = r"(?P<param>weight|bias|running_mean|running_var)"  # running stats only exist in BatchNorm files
 _BLOCK = r"layer(?P<layer>\d)\.(?P<block>\d+)"
-RESNET_RULES = [
-    (r"conv1\.weight", "stem.conv1.weight", None),
-    (rf"[bg]n1\.{_NORM}", "stem.conv1.norm.{param}", None),
-    (rf"{_BLOCK}\.conv(?P<k>\d)\.weight", "res{stage}.{block}.conv{k}.weight", None),
-    (rf"{_BLOCK}\.[bg]n(?P<k>\d)\.{_NORM}", "res{stage}.{block}.conv{k}.norm.{param}", None),
-    (rf"{_BLOCK}\.downsample\.0\.weight", "res{stage}.{block}.shortcut.weight", None),
-    (rf"{_BLOCK}\.downsample\.1\.{_NORM}", "res{stage}.{block}.shortcut.norm.{param}", None),
-    (r"fc\.(weight|bias)", None, "ImageNet classifier: no counterpart in a detector"),
-    (r".*num_batches_tracked", None, "BatchNorm step counter: not a weight"),
-]
+
+
+def _resnet_rules(norm, norm_params):
+    """Rules for a torchvision-style ResNet whose norms are named by the regex `norm` (bn1, layerL.B.bnK,
+    downsample.1) and hold `norm_params`: (source regex after the norm's name, target after `.norm.`)."""
+    rules = [
+        (r"conv1\.weight", "stem.conv1.weight", None),
+        (rf"{_BLOCK}\.conv(?P<k>\d)\.weight", "res{stage}.{block}.conv{k}.weight", None),
+        (rf"{_BLOCK}\.downsample\.0\.weight", "res{stage}.{block}.shortcut.weight", None),
+    ]
+    for source, target in norm_params:
+        rules += [
+            (rf"{norm}1\.{source}", "stem.conv1.norm." + target, None),
+            (rf"{_BLOCK}\.{norm}(?P<k>\d)\.{source}", "res{stage}.{block}.conv{k}.norm." + target, None),
+            (rf"{_BLOCK}\.downsample\.1\.{source}", "res{stage}.{block}.shortcut.norm." + target, None),
+        ]
+    return rules + [
+        (r"fc\.(weight|bias)", None, "ImageNet classifier: no counterpart in a detector"),
+        (r".*num_batches_tracked", None, "BatchNorm step counter: not a weight"),
+    ]
+
+
+# torchvision-style ResNet (the authors' ImageNet files, MMDetection's re-hosted copies, torchvision itself)
+# -> detectron2 ResNet. The authors name their GroupNorms bn*, MMDetection names them gn*; running statistics
+# only exist in BatchNorm files.
+RESNET_RULES = _resnet_rules("[bg]n", [(r"(?P<param>weight|bias|running_mean|running_var)", "{param}")])
 
 # The authors' ImageNet BCN+WS ResNet/ResNeXt (rn50_bcn_ws.pth, ...) -> detectron2 ResNet with MODEL.BCN. Each
 # norm is a BCNorm: a per-group affine `weight`/`bias` (1, 32, 1) and its batch step, a BatchNorm2d `pbn`.
-_BCN = r"(?P<param>weight|bias)"
-_PBN = r"pbn\.(?P<param>weight|bias|running_mean|running_var)"
-BCN_RESNET_RULES = [
-    (r"conv1\.weight", "stem.conv1.weight", None),
-    (rf"bn1\.{_BCN}", "stem.conv1.norm.{param}", None),
-    (rf"bn1\.{_PBN}", "stem.conv1.norm.batch_norm.{param}", None),
-    (rf"{_BLOCK}\.conv(?P<k>\d)\.weight", "res{stage}.{block}.conv{k}.weight", None),
-    (rf"{_BLOCK}\.bn(?P<k>\d)\.{_BCN}", "res{stage}.{block}.conv{k}.norm.{param}", None),
-    (rf"{_BLOCK}\.bn(?P<k>\d)\.{_PBN}", "res{stage}.{block}.conv{k}.norm.batch_norm.{param}", None),
-    (rf"{_BLOCK}\.downsample\.0\.weight", "res{stage}.{block}.shortcut.weight", None),
-    (rf"{_BLOCK}\.downsample\.1\.{_BCN}", "res{stage}.{block}.shortcut.norm.{param}", None),
-    (rf"{_BLOCK}\.downsample\.1\.{_PBN}", "res{stage}.{block}.shortcut.norm.batch_norm.{param}", None),
-    (r"fc\.(weight|bias)", None, "ImageNet classifier: no counterpart in a detector"),
-    (r".*num_batches_tracked", None, "BatchNorm step counter: not a weight"),
-    (r".*estbn_moving_speed", None, "EstBN moving speed: ws_d2 sets it every training pass (MODEL.BCN)"),
-]
+BCN_RESNET_RULES = _resnet_rules(
+    "bn",
+    [
+        (r"(?P<param>weight|bias)", "{param}"),
+        (r"pbn\.(?P<param>weight|bias|running_mean|running_var)", "batch_norm.{param}"),
+    ],
+) + [(r".*estbn_moving_speed", None, "EstBN moving speed: ws_d2 sets it every training pass (MODEL.BCN)")]
 
 # MMDetection (v2 layout) Faster/Mask R-CNN with FPN, 4conv1fc box head and 4-conv mask head -> detectron2
 # GeneralizedRCNN. Class, anchor and box-delta orders coincide (background last, ratios 0.5/1/2, per-class
