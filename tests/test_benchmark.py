@@ -51,10 +51,42 @@ def test_one_round_gives_all_rows_with_positive_ratios(benchmark, tiny_settings)
         assert isinstance(row["pass"], bool)
 
 
+def test_default_twin_is_the_gn_twin_with_the_same_weights(benchmark, tiny_settings):
+    settings = tiny_settings()
+    model, twin = benchmark.build_twin_models(
+        benchmark.benchmark_config(settings), benchmark.benchmark_config(settings, twin=True)
+    )
+    assert settings.labels == ("GN+WS", "GN")
+    assert benchmark.count_ws_convs(model) == 36 and benchmark.count_ws_convs(twin) == 0
+    twin_state = twin.state_dict()
+    assert all(torch.equal(value, twin_state[key]) for key, value in model.state_dict().items())
+
+
+def test_other_twin_compares_bcn_with_gn_ws(benchmark, tiny_settings):
+    from ws_d2.modeling import count_bcn
+
+    # the GN+WS model against its BCN+WS twin: shared weights where names and shapes agree
+    settings = tiny_settings(measure_memory=False, twin_opts=["MODEL.BCN.ENABLED", "True"])
+    assert settings.labels == ("model", "twin")
+    model, twin = benchmark.build_twin_models(
+        benchmark.benchmark_config(settings), benchmark.benchmark_config(settings, twin=True)
+    )
+    assert count_bcn(model) == 0 and count_bcn(twin) == 36
+    conv = "backbone.bottom_up.res3.0.conv1.weight"
+    assert torch.equal(model.state_dict()[conv], twin.state_dict()[conv])
+    result = benchmark.run_benchmark(settings, log=lambda line: None)
+    report = benchmark.format_report(result)
+    assert (
+        "against its twin (MODEL.BCN.ENABLED True)" in report and " model " in report and " twin " in report
+    )
+    assert all(row["ratio"] > 0 for row in result["rows"])
+
+
 @pytest.mark.slow
 def test_peak_memory_sample_runs_in_a_fresh_process(benchmark, tiny_settings, tmp_path):
     settings = tiny_settings()
-    ws_model, _ = benchmark.build_twin_models(benchmark.benchmark_config(settings))
+    twin_cfg = benchmark.benchmark_config(settings, twin=True)
+    ws_model, _ = benchmark.build_twin_models(benchmark.benchmark_config(settings), twin_cfg)
     weights = tmp_path / "weights.pth"
     torch.save(ws_model.state_dict(), weights)
     mib = benchmark.measure_peak_memory(settings, "ws", "inference", 64, 1, str(weights))

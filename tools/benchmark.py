@@ -77,6 +77,8 @@ GOALS = {
     "folded_inference_peak_memory": 1.02,
 }
 
+GN_TWIN_OPTS = ["MODEL.WS.ENABLED", "False"]
+
 # Appended to the caller's own GLIBC_TUNABLES, if any, in a memory-sample process (see the docstring).
 SAMPLE_MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=65536"
 
@@ -104,32 +106,45 @@ class BenchmarkSettings:
     # torch intra-op threads (None: torch's default). On a loaded machine 1 avoids OpenMP barrier stalls
     # (a parallel op waits for a descheduled thread), which inflate every elementwise op many times over.
     threads: Optional[int] = None
+    # The overrides that make the twin of the config's model: by default its GN twin. Others compare other
+    # models, e.g. a BCN+WS config against its GN+WS twin (MODEL.BCN.ENABLED False MODEL.WS.FORMULA ...).
+    twin_opts: list[str] = field(default_factory=lambda: list(GN_TWIN_OPTS))
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """How the report names the config's model and its twin."""
+        return ("GN+WS", "GN") if list(self.twin_opts) == GN_TWIN_OPTS else ("model", "twin")
 
 
 def benchmark_device(settings: BenchmarkSettings) -> str:
     return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def benchmark_config(settings: BenchmarkSettings, ws_enabled: bool = True):
-    """The config of the GN+WS model (or, with `ws_enabled` False, of its GN twin) with random weights."""
-    cfg = load_config(settings.config_file, settings.opts, freeze=False)
+def benchmark_config(settings: BenchmarkSettings, twin: bool = False):
+    """The config of the model (or, with `twin`, of its twin: settings.twin_opts) with random weights."""
+    opts = [*settings.opts, *(settings.twin_opts if twin else [])]
+    cfg = load_config(settings.config_file, opts, freeze=False)
     cfg.MODEL.DEVICE = benchmark_device(settings)
     cfg.MODEL.WEIGHTS = ""  # random weights, shared by both models: the benchmark needs no checkpoint
-    cfg.MODEL.WS.ENABLED = ws_enabled
     # Every image keeps exactly DETECTIONS_PER_IMAGE detections (see the module docstring).
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     return cfg
 
 
-def build_twin_models(cfg):
-    """(GN+WS model, GN twin) with identical weights; `cfg` is the GN+WS config."""
+def build_twin_models(cfg, twin_cfg):
+    """(model, twin) with the same weights wherever their names and shapes agree (everywhere for the GN twin)."""
     ws_model = build_model(cfg)
-    gn_cfg = cfg.clone()
-    gn_cfg.defrost()
-    gn_cfg.MODEL.WS.ENABLED = False
-    gn_model = build_model(gn_cfg)
-    gn_model.load_state_dict(ws_model.state_dict())
+    gn_model = build_model(twin_cfg)
+    load_shared_weights(gn_model, ws_model.state_dict())
     return ws_model, gn_model
+
+
+def load_shared_weights(model, state_dict):
+    """Load the tensors of `state_dict` that `model` has under the same name and shape; the rest of `model`
+    keeps its initialization (e.g. BCN's batch step against a GN twin)."""
+    own = model.state_dict()
+    shared = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
 
 
 def model_variants(mode: str) -> tuple[str, ...]:
@@ -252,7 +267,7 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     cfg = benchmark_config(settings)
-    ws_model, gn_model = build_twin_models(cfg)
+    ws_model, gn_model = build_twin_models(cfg, benchmark_config(settings, twin=True))
     ws_convs = count_ws_convs(ws_model)
     if ws_convs == 0:
         raise ConfigError(f"{settings.config_file} builds no WS conv: not a GN+WS config")
@@ -266,16 +281,17 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
         for size, batch, mode in itertools.product(settings.sizes, settings.batches, settings.modes):
             # Same starting weights for every setting: training steps change them.
             ws_model.load_state_dict(initial_state)
-            gn_model.load_state_dict(initial_state)
+            load_shared_weights(gn_model, initial_state)
             new_rows = time_rows(settings, cfg, models, size, batch, mode)
-            log_rows(new_rows, log)
+            log_rows(new_rows, log, settings.labels)
             if measure_memory:
                 memory = memory_rows(settings, weights_file, size, batch, mode)
-                log_rows(memory, log)
+                log_rows(memory, log, settings.labels)
                 new_rows += memory
             rows += new_rows
     return {
         "config_file": settings.config_file,
+        "labels": list(settings.labels),
         "settings": asdict(settings),
         "device": cfg.MODEL.DEVICE,
         "torch": torch.__version__,
@@ -322,12 +338,12 @@ def memory_sample(request: dict) -> float:
     settings = BenchmarkSettings(**request["settings"])
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    cfg = benchmark_config(settings, ws_enabled=request["variant"] != "gn")
+    cfg = benchmark_config(settings, twin=request["variant"] == "gn")
     device = cfg.MODEL.DEVICE
     on_cuda = device.startswith("cuda")
     baseline_kib = 0 if on_cuda else proc_status_kib("VmRSS")
     model = build_model(cfg)
-    model.load_state_dict(torch.load(request["weights_file"], map_location=device, weights_only=True))
+    load_shared_weights(model, torch.load(request["weights_file"], map_location=device, weights_only=True))
     if request["variant"] == "folded":
         model = fold_ws(model)
     inputs = synthetic_batch(
@@ -370,26 +386,30 @@ def proc_status_kib(field_name: str) -> int:
     raise WSD2Error(f"/proc/self/status has no {field_name}: peak memory needs Linux")
 
 
-def format_row(row) -> str:
+def format_row(row, labels=("GN+WS", "GN")) -> str:
     other = "folded" if "folded" in row else "ws"
     verdict = "PASS" if row["pass"] else "FAIL"
     unit = row["unit"]
-    name = "GN+WS folded" if other == "folded" else "GN+WS"
+    model, twin = labels
+    name = f"{model} folded" if other == "folded" else model
     value = "{:.3f} {}" if unit == "s" else "{:.0f} {}"
     return (
         f"{row['metric']:<22} {row['size']:>4}px x{row['batch']}  {name} {value.format(row[other], unit):>10}"
-        f"  GN {value.format(row['gn'], unit):>10}  ratio {row['ratio']:.3f}x  (goal <= {row['goal']:.2f}x) {verdict}"
+        f"  {twin} {value.format(row['gn'], unit):>10}  ratio {row['ratio']:.3f}x  (goal <= {row['goal']:.2f}x) {verdict}"
     )
 
 
-def log_rows(rows, log):
+def log_rows(rows, log, labels=("GN+WS", "GN")):
     for row in rows:
-        log(format_row(row))
+        log(format_row(row, labels))
 
 
 def format_report(result: dict) -> str:
-    lines = [f"{result['config_file']}  device {result['device']}  torch {result['torch']}"]
-    lines += [format_row(row) for row in result["rows"]]
+    twin_opts = " ".join(result["settings"]["twin_opts"])
+    lines = [
+        f"{result['config_file']} against its twin ({twin_opts})  device {result['device']}  torch {result['torch']}"
+    ]
+    lines += [format_row(row, result["labels"]) for row in result["rows"]]
     lines.append("all goals met" if result["all_pass"] else "some goals FAILED")
     return "\n".join(lines)
 
@@ -410,6 +430,8 @@ def get_parser():
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="320 px, batch 1, 3 rounds, 1 memory round")
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--twin-opts", nargs="+", default=GN_TWIN_OPTS, metavar="KEY VALUE",
+                        help="overrides that make the twin (default: MODEL.WS.ENABLED False, the GN twin)")  # fmt: skip
     # internal: one peak-memory sample (a JSON request) in this fresh process, printed on stdout
     parser.add_argument("--memory-sample", metavar="REQUEST", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -441,6 +463,7 @@ def settings_from_args(args) -> BenchmarkSettings:
         device=args.device,
         threads=args.threads,
         opts=args.opts,
+        twin_opts=args.twin_opts,
     )
 
 
