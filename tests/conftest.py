@@ -118,3 +118,26 @@ def exact_step_opts():
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "1",
         "SOLVER.CHECKPOINT_PERIOD", "100000", "DATASETS.TEST", "()",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def converted_backbone_features():
+    """`converted_backbone_features(model, weights_file, resnet, reference_features)`: load a converted checkpoint
+    into `model` (every bottom-up tensor from the file, nothing unexpected), then {stage: (ours, reference)}
+    features of one image in float64, so that a comparison does not depend on the CPU's float32 kernels."""
+    from ws_d2.checkpoint import WSCheckpointer
+
+    def features(model, weights_file, resnet, reference_features):
+        checkpointer = WSCheckpointer(model)
+        incompatible = checkpointer._load_model(checkpointer._load_file(str(weights_file)))
+        assert (
+            not [k for k in incompatible.missing_keys if "bottom_up" in k]
+            and not incompatible.unexpected_keys
+        )
+        x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        with torch.no_grad():
+            ours = model.backbone.bottom_up.double()(x)
+            reference = reference_features(resnet.double().eval(), x)
+        return {name: (ours[name], expected) for name, expected in reference.items()}
+
+    return features

@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 import ws_d2
-from ws_d2.checkpoint import WSCheckpointer, convert_checkpoint
+from ws_d2.checkpoint import convert_checkpoint
 from ws_d2.checkpoint.layouts import detect_layout
 from ws_d2.errors import CheckpointError
 
@@ -91,7 +91,7 @@ def authors_r50(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_authors_bcn_model_gives_reference_features(tmp_path, repo_root, arch):
+def test_authors_bcn_model_gives_reference_features(tmp_path, repo_root, arch, converted_backbone_features):
     resnet = _reference_resnet(arch)
     src = _save_authors_file(resnet, tmp_path / f"{arch}_bcn_ws.pth")
     state = torch.load(src)
@@ -110,19 +110,12 @@ def test_authors_bcn_model_gives_reference_features(tmp_path, repo_root, arch):
 
     cfg = ws_d2.load_config(str(repo_root / BCN_CONFIG.format(ARCHS[arch])), ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg).eval()
-    checkpointer = WSCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "backbone.pkl")))
-    assert not [k for k in incompatible.missing_keys if "bottom_up" in k] and not incompatible.unexpected_keys
-
     # float64: two implementations of the same math agree to ~1e-12 here on any CPU; eps on the std instead of
     # inside the root, or a wrong BCN step, is off by far more than the 1e-4
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        ours = model.backbone.bottom_up.double()(x)
-        reference = _reference_features(resnet.double().eval(), x)
-    for name, expected in reference.items():
+    features = converted_backbone_features(model, tmp_path / "backbone.pkl", resnet, _reference_features)
+    for name, (ours, expected) in features.items():
         assert expected.abs().mean() > 1e-2, name
-        torch.testing.assert_close(ours[name], expected, rtol=1e-7, atol=1e-9, msg=name)
+        torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-9, msg=name)
 
 
 def test_names_land_where_documented(tmp_path, authors_r50):

@@ -81,7 +81,7 @@ def authors_r50():
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
-def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch):
+def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch, converted_backbone_features):
     resnet = _gn_resnet(arch)
     src = tmp_path / f"{arch}-GN-WS.pth.tar"
     torch.save(
@@ -102,20 +102,11 @@ def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch):
     assert all(k.startswith("backbone.fpn_") for k in report.not_converted if k.startswith("backbone."))
 
     model = _build(seed_config_file(report.target.split("rcnn_")[1].split("_FPN")[0]))
-    incompatible = WSCheckpointer(model)._load_model(
-        WSCheckpointer(model)._load_file(str(tmp_path / "backbone.pkl"))
-    )
-    assert not [k for k in incompatible.missing_keys if "bottom_up" in k] and not incompatible.unexpected_keys
-
-    # float64, so that the comparison does not depend on the CPU's float32 kernels: two implementations of
-    # the same math then agree to ~1e-13 on features of magnitude ~10 (eps 1e-3 instead of 1e-5, or the
-    # biased std, is off by > 1e-4)
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        ours = model.backbone.bottom_up.double()(x)
-        reference = _reference_ws_features(resnet.double().eval(), x)
-    for name, expected in reference.items():
-        torch.testing.assert_close(ours[name], expected, rtol=1e-9, atol=1e-9, msg=name)
+    # float64: two implementations of the same math then agree to ~1e-13 on features of magnitude ~10 (eps 1e-3
+    # instead of 1e-5, or the biased std, is off by > 1e-4)
+    features = converted_backbone_features(model, tmp_path / "backbone.pkl", resnet, _reference_ws_features)
+    for name, (ours, expected) in features.items():
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_authors_names_land_where_documented(authors_r50):

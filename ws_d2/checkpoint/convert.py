@@ -175,7 +175,7 @@ def _convert_resnet(checkpoint, source, config_file):
     if not bcn and any(k.endswith("running_mean") for k in state_dict) and norm in ("GN", "SyncGN"):
         raise CheckpointError(
             f"{source} checkpoint holds BatchNorm weights (running_mean/var), which have no GroupNorm counterpart, "
-            f"and {os.path.basename(config_file)} uses {norm}. GN+WS needs WS-pretrained weights (the authors' "
+            f"and {name} uses {norm}. GN+WS needs WS-pretrained weights (the authors' "
             "files); for a BatchNorm model pass --config-file with MODEL.RESNETS.NORM FrozenBN"
         )
     stems = [k[: -len("stem.conv1.weight")] for k in target_shapes if k.endswith("stem.conv1.weight")]
