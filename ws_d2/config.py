@@ -21,6 +21,10 @@ def add_ws_config(cfg):
     # "std_plus_eps": (W - mean) / (std + eps), the GN+WS release; "sqrt_var_plus_eps": (W - mean) /
     # sqrt(var + eps), the authors' BCN+WS release (their ImageNet BCN+WS weights need it). docs/BCN.md
     cfg.MODEL.WS.FORMULA = "std_plus_eps"
+    # What WS does to the weight: "standardize" (the published WS, by FORMULA) or one of the paper's
+    # ablations, "center" (WS+MO), "scale" (WS+DO), "standardize_affine" (WS+AF), "weight_norm" (WN).
+    # docs/WS.md#the-papers-ws-variants
+    cfg.MODEL.WS.MODE = "standardize"
     # Batch-Channel Normalization (docs/BCN.md): ENABLED puts BCN wherever the model has a GroupNorm
     # (backbone, FPN, conv heads of the GN+WS models): a batch step, GN without affine, a per-group affine.
     cfg.MODEL.BCN = CN()

@@ -1,4 +1,12 @@
 from .batch_channel_norm import BatchChannelNorm, EstBN, set_moving_speed
-from .ws_conv import WS_FORMULAS, WSConv2d, standardize_weight
+from .ws_conv import WS_FORMULAS, WS_MODES, WSConv2d, standardize_weight
 
-__all__ = ["WS_FORMULAS", "BatchChannelNorm", "EstBN", "WSConv2d", "set_moving_speed", "standardize_weight"]
+__all__ = [
+    "WS_FORMULAS",
+    "WS_MODES",
+    "BatchChannelNorm",
+    "EstBN",
+    "WSConv2d",
+    "set_moving_speed",
+    "standardize_weight",
+]

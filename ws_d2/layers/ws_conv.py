@@ -8,6 +8,9 @@ reproduce the released checkpoints.
 
 The authors' BCN+WS release computes WS differently, W_hat = (W - mean_c) / sqrt(var_c + eps) with the same
 unbiased variance but eps INSIDE the root: `formula="sqrt_var_plus_eps"` reproduces it (docs/BCN.md).
+
+The paper's ablations of WS are `mode`s of the same conv (docs/WS.md#the-papers-ws-variants); the default,
+"standardize", is the published formula above.
 """
 
 import torch
@@ -17,11 +20,27 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError
 
-__all__ = ["WS_FORMULAS", "WSConv2d", "standardize_weight"]
+__all__ = ["WS_FORMULAS", "WS_MODES", "WSConv2d", "standardize_weight"]
 
 # "std_plus_eps": (W - mean) / (std + eps), the GN+WS release (the default);
 # "sqrt_var_plus_eps": (W - mean) / sqrt(var + eps), the BCN+WS release. Both with the unbiased (N-1) variance.
 WS_FORMULAS = ("std_plus_eps", "sqrt_var_plus_eps")
+
+
+# What the conv does to its weight before convolving (the paper's ablations, Sec. 5 and its Table 6):
+# "standardize": W_hat by `formula` (the published WS, the default);
+# "center": W - mean (Eq. 5 alone, "WS+MO");
+# "scale": W / (sqrt(mean(W^2)) + eps) (Eq. 6 alone, no centering, "WS+DO");
+# "standardize_affine": gain * W_hat + bias, one learnable gain and bias per filter ("WS+AF");
+# "weight_norm": gain * W / ||W||, one learnable gain per filter (weight normalization, "WN").
+WS_MODES = ("standardize", "center", "scale", "standardize_affine", "weight_norm")
+_MODE_PARAMETERS = {"standardize_affine": ("ws_gain", "ws_bias"), "weight_norm": ("ws_gain",)}
+
+
+def _check_mode(mode):
+    if mode not in WS_MODES:
+        raise ConfigError(f"unknown WS mode {mode!r}; expected one of {', '.join(WS_MODES)}")
+    return mode
 
 
 def _check_formula(formula):
@@ -154,6 +173,26 @@ def standardize_weight(
     return w_hat.to(weight.dtype)
 
 
+def _weight_variant(weight, mode, eps, formula, gain=None, bias=None):
+    """The weight of a non-default `mode`, by autograd of its plain formula (ablations: clarity over speed)."""
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        flat = weight.reshape(weight.shape[0], -1).to(_compute_dtype(weight))
+        if mode == "center":
+            out = flat - flat.mean(dim=1, keepdim=True)
+        elif mode == "scale":
+            out = flat / (flat.square().mean(dim=1, keepdim=True).sqrt() + eps)
+        elif mode == "weight_norm":
+            out = (
+                flat
+                / (torch.linalg.vector_norm(flat, dim=1, keepdim=True) + eps)
+                * gain.to(flat.dtype)[:, None]
+            )
+        else:  # standardize_affine
+            w_hat = _StandardizeWeight.apply(flat, eps, formula)
+            out = torch.addcmul(bias.to(flat.dtype)[:, None], w_hat, gain.to(flat.dtype)[:, None])
+    return out.view_as(weight).to(weight.dtype)
+
+
 def conv2d_arguments(conv: Conv2d) -> dict:
     """The constructor arguments that rebuild `conv` (detectron2 Conv2d or WSConv2d) with its norm and
     activation, for swapping its class while sharing its parameters."""
@@ -165,8 +204,9 @@ def conv2d_arguments(conv: Conv2d) -> dict:
 class WSConv2d(Conv2d):
     """detectron2's Conv2d (conv + optional norm + activation) with a weight-standardized weight.
 
-    Same constructor (plus `eps` and `formula`, one of WS_FORMULAS), same parameters and state_dict keys as Conv2d: checkpoints store
-    the raw weight and WS is applied on every forward. In training, WS runs inside the conv's autograd
+    Same constructor (plus `eps`, `formula`, one of WS_FORMULAS, and `mode`, one of WS_MODES), same
+    parameters and state_dict keys as Conv2d in the default mode: checkpoints store the raw weight and WS is
+    applied on every forward. The "standardize_affine" and "weight_norm" modes add `ws_gain` (and `ws_bias`). In training, WS runs inside the conv's autograd
     node so that only the raw weight is kept for backward (no extra weight-sized memory).
 
     When no gradient is needed for the weight (eval under no_grad, or a frozen stage), the per-filter
@@ -181,30 +221,57 @@ class WSConv2d(Conv2d):
     be seen: write under `torch.no_grad()` instead, or call `clear_ws_cache()` afterwards.
     """
 
-    def __init__(self, *args, eps: float = 1e-5, formula: str = "std_plus_eps", **kwargs):
+    def __init__(
+        self,
+        *args,
+        eps: float = 1e-5,
+        formula: str = "std_plus_eps",
+        mode: str = "standardize",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.eps = eps
         self.formula = _check_formula(formula)
+        self.mode = _check_mode(mode)
         self._ws_statistics = None
+        weight = self.weight
+        for name in _MODE_PARAMETERS.get(mode, ()):
+            # gain 1, bias 0: "standardize_affine" starts as plain WS
+            init = torch.ones if name == "ws_gain" else torch.zeros
+            value = init(self.out_channels, device=weight.device, dtype=weight.dtype)
+            self.register_parameter(name, torch.nn.Parameter(value))
 
     @classmethod
-    def from_conv2d(cls, conv: Conv2d, eps: float = 1e-5, formula: str = "std_plus_eps") -> "WSConv2d":
-        """A WSConv2d sharing `conv`'s parameters, norm and activation."""
-        # parameters are replaced just below: allocate nothing
-        ws = cls(**conv2d_arguments(conv), eps=eps, formula=formula, device="meta")
+    def from_conv2d(
+        cls, conv: Conv2d, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize"
+    ) -> "WSConv2d":
+        """A WSConv2d sharing `conv`'s parameters, norm and activation (plus its own gain/bias in the
+        modes that have them)."""
+        # conv's parameters replace these just below: allocate nothing for them
+        ws = cls(**conv2d_arguments(conv), eps=eps, formula=formula, mode=mode, device="meta")
         ws.weight = conv.weight
         ws.bias = conv.bias
+        for name in _MODE_PARAMETERS.get(mode, ()):
+            value = getattr(ws, name)
+            fresh = torch.ones_like if name == "ws_gain" else torch.zeros_like
+            setattr(
+                ws, name, torch.nn.Parameter(fresh(value, device=conv.weight.device, dtype=conv.weight.dtype))
+            )
         ws.train(conv.training)
         return ws
 
     def extra_repr(self):
         formula = "" if self.formula == "std_plus_eps" else f", ws_formula={self.formula}"
-        return super().extra_repr() + f", ws_eps={self.eps}" + formula
+        mode = "" if self.mode == "standardize" else f", ws_mode={self.mode}"
+        return super().extra_repr() + f", ws_eps={self.eps}" + formula + mode
 
     def standardized_weight(self) -> torch.Tensor:
-        """W_hat of the current weight: differentiable when the weight needs a gradient, else built
-        from the cached statistics."""
+        """The weight the conv convolves with: W_hat of the current weight (or its `mode`'s variant),
+        differentiable when a parameter needs a gradient, else (W_hat) built from the cached statistics."""
         weight = self.weight
+        if self.mode != "standardize":
+            extra = [getattr(self, name) for name in _MODE_PARAMETERS.get(self.mode, ())]
+            return _weight_variant(weight, self.mode, self.eps, self.formula, *extra)
         if torch.is_grad_enabled() and weight.requires_grad:
             return standardize_weight(weight, self.eps, self.formula)
         mean, inv_denom = self.ws_statistics()
@@ -260,7 +327,8 @@ class WSConv2d(Conv2d):
             )
         weight = self.weight
         if (
-            torch.is_grad_enabled()
+            self.mode == "standardize"
+            and torch.is_grad_enabled()
             and weight.requires_grad
             and weight.dtype in (torch.float32, torch.float64)
             and not isinstance(self.padding, str)

@@ -22,7 +22,7 @@ def convert_by_config(module, cfg, prefix=""):
     if cfg.MODEL.BCN.ENABLED:
         convert_to_bcn(module, cfg.MODEL.BCN.GROUPS, cfg.MODEL.BCN.ESTIMATE, prefix)
     if cfg.MODEL.WS.ENABLED:
-        convert_to_ws(module, cfg.MODEL.WS.EPS, cfg.MODEL.WS.FORMULA)
+        convert_to_ws(module, cfg.MODEL.WS.EPS, cfg.MODEL.WS.FORMULA, cfg.MODEL.WS.MODE)
     return module
 
 

@@ -30,6 +30,7 @@ class _WSConvs:
         *,
         ws_eps: Optional[float] = 1e-5,
         ws_formula: str = "std_plus_eps",
+        ws_mode: str = "standardize",
         bcn: Optional[dict] = None,
         **kwargs,
     ):
@@ -37,7 +38,7 @@ class _WSConvs:
         if bcn is not None:
             convert_to_bcn(self, prefix=self._bcn_prefix, **bcn)
         if ws_eps is not None:
-            convert_to_ws(self, ws_eps, ws_formula)
+            convert_to_ws(self, ws_eps, ws_formula, ws_mode)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -45,7 +46,12 @@ class _WSConvs:
         bcn = None
         if cfg.MODEL.BCN.ENABLED:
             bcn = {"groups": cfg.MODEL.BCN.GROUPS, "estimate": cfg.MODEL.BCN.ESTIMATE}
-        arguments = {"ws_eps": ws_eps, "ws_formula": cfg.MODEL.WS.FORMULA, "bcn": bcn}
+        arguments = {
+            "ws_eps": ws_eps,
+            "ws_formula": cfg.MODEL.WS.FORMULA,
+            "ws_mode": cfg.MODEL.WS.MODE,
+            "bcn": bcn,
+        }
         return {**super().from_config(cfg, input_shape), **arguments}
 
 

@@ -10,20 +10,21 @@ __all__ = ["convert_to_ws", "fold_ws", "count_ws_convs"]
 
 
 def convert_to_ws(
-    module: torch.nn.Module, eps: float = 1e-5, formula: str = "std_plus_eps"
+    module: torch.nn.Module, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize"
 ) -> torch.nn.Module:
     """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters.
 
     detectron2's ResNet stem, blocks and shortcuts, FPN lateral/output convs and the conv heads build
     `Conv2d(..., norm=...)`; the RPN convs, the predictors and the mask deconv carry no norm (or are
     other classes) and stay plain, as in the published GN+WS models. `formula` is one of
-    `ws_d2.layers.WS_FORMULAS` (by default the GN+WS release's). Returns `module` (changed in place;
+    `ws_d2.layers.WS_FORMULAS` (by default the GN+WS release's), `mode` one of `ws_d2.layers.WS_MODES` (by
+    default the published WS; the others are the paper's ablations). Returns `module` (changed in place;
     a `Conv2d` passed directly is returned converted).
     """
     if _needs_ws(module):
-        return WSConv2d.from_conv2d(module, eps, formula)
+        return WSConv2d.from_conv2d(module, eps, formula, mode)
     for name, child in module.named_children():
-        converted = convert_to_ws(child, eps, formula)
+        converted = convert_to_ws(child, eps, formula, mode)
         if converted is not child:
             _replace_child(module, name, child, converted)
     return module

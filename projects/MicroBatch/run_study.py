@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""The micro-batch study: GN, GN+WS, BN, no normalization, BCN+WS and the paper's WS ablations, trained from
+scratch with 1-2 images per step on the synthetic shapes set. See projects/MicroBatch/README.md.
+
+    python projects/MicroBatch/run_study.py                       # the whole study, resuming what is done
+    python projects/MicroBatch/run_study.py --quick --output DIR  # a tiny version (minutes): the machinery only
+    python projects/MicroBatch/run_study.py --arms GN GN+WS --seeds 0 1 2 --ims-per-step 1 --lrs 0.005 0.01
+    python projects/MicroBatch/run_study.py --print-commands      # one train_net command per run (cluster arrays)
+    python projects/MicroBatch/run_study.py --rerun GN+WS 0 1 0.01 --output DIR  # one cell again, alone
+
+Each run is `tools/train_net.py --resume` into OUTPUT/runs/<cell>/: a killed study resumes where it stopped
+and never redoes a finished run. After the runs, results.json, table.md and the plots are (re)written into
+--results (default projects/MicroBatch/results; OUTPUT/results for --quick).
+Exit status: 0 done, 1 refused or failed, 2 usage error.
+"""
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import arms
+import runs
+from report import write_report
+
+from ws_d2.errors import ConfigError, command_line
+
+HERE = Path(__file__).resolve().parent
+STUDY_CONFIG = HERE / "configs" / "microbatch_synthetic.yaml"
+ITERATIONS = 500  # at 1 image per step; a run with k images per step makes ITERATIONS / k
+QUICK = {"arms": ["GN", "GN+WS", "BN"], "seeds": [0], "lrs": [0.01], "iterations": 6, "images": (8, 4)}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arms", nargs="+", metavar="ARM", help=f"subset of: {' '.join(arms.ARMS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="S", help=f"default {arms.SEEDS}")
+    parser.add_argument(
+        "--ims-per-step", nargs="+", type=int, metavar="K", help="images per step (default 1)"
+    )
+    parser.add_argument("--lrs", nargs="+", type=float, metavar="LR", help=f"SOLVER.BASE_LR values (default {arms.LR_GRID})")  # fmt: skip
+    parser.add_argument("--iterations", type=int, default=None, help=f"iterations at 1 image per step (default {ITERATIONS}; the base config's schedule with --base-config)")  # fmt: skip
+    parser.add_argument(
+        "--output", default="output/microbatch", help="where the runs go (default: %(default)s)"
+    )
+    parser.add_argument("--results", default=None, help="where results.json, table.md and the plots go")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
+    parser.add_argument("--base-config", default=None, help="run the arms on this config instead (e.g. a seed config on COCO)")  # fmt: skip
+    parser.add_argument("--print-commands", action="store_true", help="print one train_net command per run and exit")  # fmt: skip
+    parser.add_argument("--rerun", nargs=4, metavar=("ARM", "SEED", "IMS", "LR"), help="re-run one cell into --output and compare it with its recorded result")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a tiny study (3 arms, 1 seed, 6 iterations, 8 images)")  # fmt: skip
+    return parser
+
+
+def load_results(path):
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else []
+
+
+class Study:
+    """What one invocation runs: the config, the schedule, the data root, the threads."""
+
+    def __init__(self, args):
+        self.config_file = Path(args.base_config or STUDY_CONFIG)
+        if not self.config_file.is_file():
+            raise ConfigError(f"config file not found: {self.config_file}")
+        default_iterations = None if args.base_config else (QUICK["iterations"] if args.quick else ITERATIONS)
+        self.iterations = args.iterations or default_iterations
+        self.output = Path(args.output)
+        self.threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+        self.env = {}
+        if args.quick:  # a small synthetic set of its own, not the full set others may use
+            self.env["WS_D2_DATASETS"] = str(Path(runs._display_path(self.output / "datasets")))
+        elif "WS_D2_DATASETS" in os.environ:
+            self.env["WS_D2_DATASETS"] = os.environ["WS_D2_DATASETS"]
+
+    def command(self, cell):
+        return runs.train_command(cell, arms.ARMS[cell.arm], self.config_file, self.output, self.iterations)
+
+    def prepare_data(self, quick):
+        """The synthetic set (a few seconds to generate; kept once made)."""
+        if self.config_file != STUDY_CONFIG:
+            return
+        from ws_d2.data import generate_synthetic_dataset
+
+        root = os.path.join(runs.REPO, self.env.get("WS_D2_DATASETS", "datasets"), "ws_d2_synthetic")
+        splits = dict(zip(("train", "val"), QUICK["images"])) if quick else None
+        generate_synthetic_dataset(root, splits)
+
+    def run(self, cell):
+        directory = runs.run_dir(self.output, cell)
+        args = self.command(cell)
+        wall = None
+        if not runs.is_finished(directory):
+            wall = runs.execute(cell, args, directory, self.threads, self.env)
+        if cell.arm == "BN":
+            runs.evaluate_with_batch_statistics(args, directory, self.threads, self.env)
+        return runs.collect(cell, directory, self.iterations), wall
+
+
+def plan(args, results):
+    """The cells to run, and whether that is all of them: an explicit selection (the product of --arms,
+    --seeds, --ims-per-step and --lrs), --quick, or the default two-phase study."""
+    if args.quick:
+        return arms.grid(QUICK["arms"], QUICK["seeds"], [1], QUICK["lrs"]), True
+    if args.arms or args.lrs or args.ims_per_step:
+        selection = (args.arms or arms.MAIN_ARMS, args.seeds or arms.SEEDS, args.ims_per_step or [1])
+        return arms.grid(*selection, args.lrs or arms.LR_GRID), True
+    return arms.full_study(results, args.seeds or arms.SEEDS)
+
+
+def run_cells(study, cells, jobs):
+    """Run `cells` (finished ones are only collected), `jobs` at once; returns their entries."""
+    todo = [c for c in cells if not runs.is_finished(runs.run_dir(study.output, c))]
+    print(f"[study] {len(cells)} runs: {len(cells) - len(todo)} finished, {len(todo)} to run, {jobs} at once, "
+          f"{study.threads} thread(s) each", flush=True)  # fmt: skip
+    entries = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(study.run, cell): cell for cell in cells}
+        for future in as_completed(futures):
+            cell = futures[future]
+            entry, wall = future.result()
+            entries[cell] = entry
+            if wall is not None:
+                state = (
+                    "DIVERGED"
+                    if entry["diverged"]
+                    else f"box AP {entry['bbox_AP']:.1f}, mask AP {entry['segm_AP']:.1f}"
+                )
+                print(f"[study] {len(entries)}/{len(cells)} {cell.name}: {state} ({wall:.0f} s)", flush=True)
+    return [entries[c] for c in sorted(entries)]
+
+
+def rerun(args, study, results_file):
+    arm, seed, ims, lr = args.rerun
+    cell = arms.Cell(arms.check_arms([arm])[0], int(seed), int(ims), float(lr))
+    if runs.is_finished(runs.run_dir(study.output, cell)):
+        raise ConfigError(
+            f"{runs.run_dir(study.output, cell)} already holds this run; choose an empty --output"
+        )
+    study.prepare_data(args.quick)
+    (entry,) = run_cells(study, [cell], 1)
+    recorded = [
+        r
+        for r in load_results(results_file)
+        if arms.Cell(r["arm"], r["seed"], r["ims_per_step"], r["lr"]) == cell
+    ]
+    seeds = [r for r in load_results(results_file) if (r["arm"], r["ims_per_step"], r["lr"]) == (cell.arm, cell.ims_per_step, cell.lr)]  # fmt: skip
+    print(f"[study] rerun {cell.name}: box AP {entry['bbox_AP']:.2f}, mask AP {entry['segm_AP']:.2f}")
+    if recorded:
+        box = [r["bbox_AP"] for r in seeds]
+        print(f"[study] recorded in {results_file}: box AP {recorded[0]['bbox_AP']:.2f}, mask AP "
+              f"{recorded[0]['segm_AP']:.2f}; its seeds span box AP {min(box):.2f}-{max(box):.2f}")  # fmt: skip
+    return entry
+
+
+@command_line("run_study")
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    arms.check_arms(args.arms or [])
+    study = Study(args)
+    results_dir = Path(args.results or (study.output / "results" if args.quick else HERE / "results"))
+    results_file = results_dir / "results.json"
+    if args.rerun:
+        rerun(args, study, results_file)
+        return 0
+    previous = [r for r in load_results(results_file) if not args.quick]
+    cells, complete = plan(args, previous)
+    if args.print_commands:
+        for cell in cells:
+            print(runs.shell_command(study.command(cell), study.threads, study.env))
+        if not complete:
+            print("# phase 2 (ablations at the best GN+WS LR, 2 images per step) is planned from phase 1's results: "
+                  "collect them (run_study.py with the same --output) and print again", file=sys.stderr)  # fmt: skip
+        return 0
+    study.prepare_data(args.quick)
+    entries = run_cells(study, cells, args.jobs)
+    if not complete:  # phase 2 needs phase 1's results
+        cells, complete = plan(args, entries)
+        entries = run_cells(study, cells, args.jobs)
+    merged = {(r["arm"], r["seed"], r["ims_per_step"], r["lr"]): r for r in [*previous, *entries]}
+    results = sorted(merged.values(), key=lambda r: (list(arms.ARMS).index(r["arm"]), r["ims_per_step"], r["lr"], r["seed"]))  # fmt: skip
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tmp = results_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, results_file)
+    for path in [results_file, *write_report(results, results_dir)]:
+        print(f"[study] wrote {runs._display_path(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
