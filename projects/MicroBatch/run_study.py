@@ -57,6 +57,12 @@ def get_parser():
     return parser
 
 
+def merge(previous, entries):
+    """One entry per cell (the newer one), in the arms' order."""
+    merged = {key(r): r for r in [*previous, *entries]}
+    return sorted(merged.values(), key=lambda r: (list(arms.ARMS).index(r["arm"]), r["ims_per_step"], r["lr"], r["seed"]))  # fmt: skip
+
+
 def load_results(path):
     return json.loads(Path(path).read_text()) if Path(path).is_file() else []
 
@@ -113,26 +119,44 @@ def plan(args, results):
     return arms.full_study(results, args.seeds or arms.SEEDS)
 
 
-def run_cells(study, cells, jobs):
-    """Run `cells` (finished ones are only collected), `jobs` at once; returns their entries."""
-    todo = [c for c in cells if not runs.is_finished(runs.run_dir(study.output, c))]
+def run_cells(study, cells, jobs, recorded=(), results_file=None):
+    """Run `cells`, `jobs` at once, and return their entries. A cell in `recorded` (results.json) or finished
+    on disk is not run again. Each new entry is added to `results_file` at once, so a killed study loses
+    nothing it finished, and another machine or session can continue from the committed results.json."""
+    recorded = {key(r): r for r in recorded}
+    todo = [
+        c for c in cells if key(c) not in recorded and not runs.is_finished(runs.run_dir(study.output, c))
+    ]
     print(f"[study] {len(cells)} runs: {len(cells) - len(todo)} finished, {len(todo)} to run, {jobs} at once, "
           f"{study.threads} thread(s) each", flush=True)  # fmt: skip
-    entries = {}
+    entries = {c: recorded[key(c)] for c in cells if key(c) in recorded}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(study.run, cell): cell for cell in cells}
+        futures = {pool.submit(study.run, cell): cell for cell in cells if cell not in entries}
         for future in as_completed(futures):
             cell = futures[future]
             entry, wall = future.result()
             entries[cell] = entry
+            if results_file:
+                save_results(results_file, merge(load_results(results_file), [entry]))
             if wall is not None:
-                state = (
-                    "DIVERGED"
-                    if entry["diverged"]
-                    else f"box AP {entry['bbox_AP']:.1f}, mask AP {entry['segm_AP']:.1f}"
-                )
+                state = "DIVERGED" if entry["diverged"] else f"box AP {entry['bbox_AP']:.1f}, mask AP {entry['segm_AP']:.1f}"  # fmt: skip
                 print(f"[study] {len(entries)}/{len(cells)} {cell.name}: {state} ({wall:.0f} s)", flush=True)
     return [entries[c] for c in sorted(entries)]
+
+
+def key(entry_or_cell):
+    """(arm, seed, images per step, LR) of a results.json entry or a Cell."""
+    if isinstance(entry_or_cell, arms.Cell):
+        return (entry_or_cell.arm, entry_or_cell.seed, entry_or_cell.ims_per_step, entry_or_cell.lr)
+    return (entry_or_cell["arm"], entry_or_cell["seed"], entry_or_cell["ims_per_step"], entry_or_cell["lr"])
+
+
+def save_results(path, results):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
 
 
 def rerun(args, study, results_file):
@@ -168,26 +192,22 @@ def main(argv=None):
     if args.rerun:
         rerun(args, study, results_file)
         return 0
-    previous = [r for r in load_results(results_file) if not args.quick]
+    previous = load_results(results_file)
     cells, complete = plan(args, previous)
     if args.print_commands:
         for cell in cells:
             print(runs.shell_command(study.command(cell), study.threads, study.env))
         if not complete:
-            print("# phase 2 (ablations at the best GN+WS LR, 2 images per step) is planned from phase 1's results: "
-                  "collect them (run_study.py with the same --output) and print again", file=sys.stderr)  # fmt: skip
+            print("# the next phases (see arms.full_study) are planned from these runs' results: collect them "
+                  "(run_study.py with the same --output) and print again", file=sys.stderr)  # fmt: skip
         return 0
     study.prepare_data(args.quick)
-    entries = run_cells(study, cells, args.jobs)
-    if not complete:  # phase 2 needs phase 1's results
-        cells, complete = plan(args, entries)
-        entries = run_cells(study, cells, args.jobs)
-    merged = {(r["arm"], r["seed"], r["ims_per_step"], r["lr"]): r for r in [*previous, *entries]}
-    results = sorted(merged.values(), key=lambda r: (list(arms.ARMS).index(r["arm"]), r["ims_per_step"], r["lr"], r["seed"]))  # fmt: skip
-    results_dir.mkdir(parents=True, exist_ok=True)
-    tmp = results_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, results_file)
+    entries = run_cells(study, cells, args.jobs, previous, results_file)
+    while not complete:  # the next phase is planned from the results so far
+        cells, complete = plan(args, merge(previous, entries))
+        entries = run_cells(study, cells, args.jobs, previous, results_file)
+    results = merge(previous, entries)
+    save_results(results_file, results)
     for path in [results_file, *write_report(results, results_dir)]:
         print(f"[study] wrote {runs._display_path(path)}")
     return 0

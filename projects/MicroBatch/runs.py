@@ -163,9 +163,7 @@ def evaluate_with_batch_statistics(args, directory, threads, env_extra):
         returncode = subprocess.call([sys.executable, EVAL_BATCH_STATISTICS, config_file, *opts], cwd=REPO,
                                      env=env, stdout=log, stderr=log)  # fmt: skip
     if returncode != 0:
-        raise RunFailed(
-            f"batch-statistics evaluation of {directory} failed; see {directory / 'stdout.txt'}"
-        )
+        raise RunFailed(f"batch-statistics evaluation of {directory} failed; see {directory / 'stdout.txt'}")
 
 
 def _display_path(path):

@@ -1,0 +1,139 @@
+"""projects/MicroBatch/run_study.py: the study's machinery (not its outcome) on its --quick version."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+RESULT_KEYS = {"arm", "seed", "ims_per_step", "lr", "iterations", "bbox_AP", "segm_AP", "loss_auc",
+               "loss_curve", "command", "machine", "wall_time_s", "diverged"}  # fmt: skip
+PLOTS = ("loss_curves.png", "ap_bars.png", "lr_sensitivity.png", "ap_vs_ims.png")
+
+
+@pytest.fixture
+def project(repo_root):
+    """projects/MicroBatch's modules, imported in this process (run_study imports its neighbours by name)."""
+    folder = str(repo_root / "projects" / "MicroBatch")
+    sys.path.insert(0, folder)
+    try:
+        yield SimpleNamespace(
+            arms=importlib.import_module("arms"), run_study=importlib.import_module("run_study")
+        )
+    finally:
+        sys.path.remove(folder)
+        for name in ("arms", "runs", "report", "run_study"):
+            sys.modules.pop(name, None)
+
+
+def study(repo_root, *args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(repo_root / "projects" / "MicroBatch" / "run_study.py"), *map(str, args)]
+    return subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_study_runs_records_resumes_and_reruns(repo_root, tmp_path):
+    out = tmp_path / "study"
+    first = study(repo_root, "--quick", "--output", out, "--jobs", 2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "3 runs: 0 finished, 3 to run" in first.stdout
+
+    results = json.loads((out / "results" / "results.json").read_text())
+    assert sorted(r["arm"] for r in results) == ["BN", "GN", "GN+WS"]
+    for r in results:
+        assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
+        assert (r["seed"], r["ims_per_step"], r["lr"], r["iterations"]) == (0, 1, 0.01, 6)
+        assert r["loss_curve"] and r["loss_curve"][-1][0] == 6  # logged at the last iteration
+        assert r["machine"]["threads"] == 1 and r["wall_time_s"] > 0
+        assert "tools/train_net.py --resume" in r["command"] and str(tmp_path) in r["command"]
+    # --quick makes a small data set of its own inside --output, not over the full set
+    assert len(os.listdir(out / "datasets" / "ws_d2_synthetic" / "train")) == 8
+    bn = next(r for r in results if r["arm"] == "BN")
+    assert "bbox_AP_batch_statistics" in bn  # BN's train/eval gap was evaluated
+    table = (out / "results" / "table.md").read_text()
+    assert "| GN+WS | 1 | 0.01 | 1 |" in table and "GN+WS - GN" in table
+    for name in PLOTS:
+        assert (out / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second invocation redoes nothing; a run killed before it finished is run again, alone
+    finished = out / "runs" / "gn-ims1-lr0.01-seed0" / "model_final.pth"
+    stamp = finished.stat().st_mtime_ns
+    (out / "runs" / "bn-ims1-lr0.01-seed0" / "eval_results.json").unlink()
+    unrecorded = [r for r in results if r["arm"] != "BN"]  # killed before it finished: never recorded
+    (out / "results" / "results.json").write_text(json.dumps(unrecorded))
+    again = study(repo_root, "--quick", "--output", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "3 runs: 2 finished, 1 to run" in again.stdout and "bn-ims1-lr0.01-seed0" in again.stdout
+    assert finished.stat().st_mtime_ns == stamp
+    # results.json is the record: a recorded run whose folder is gone (another machine) is not run again
+    shutil.rmtree(out / "runs" / "gn-ims1-lr0.01-seed0")
+    third = study(repo_root, "--quick", "--output", out)
+    assert third.returncode == 0 and "3 runs: 3 finished, 0 to run" in third.stdout, third.stderr[-2000:]
+    after = {r["arm"]: r for r in json.loads((out / "results" / "results.json").read_text())}
+    assert sorted(after) == ["BN", "GN", "GN+WS"] and after["GN"] == next(
+        r for r in results if r["arm"] == "GN"
+    )
+
+    # one cell again, alone, into another folder: the same run gives the same AP (same machine, one thread)
+    rerun = study(repo_root, "--quick", "--rerun", "GN+WS", 0, 1, 0.01, "--output", tmp_path / "rerun",
+                  "--results", out / "results")  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    recorded = next(r for r in results if r["arm"] == "GN+WS")
+    assert (
+        f"box AP {recorded['bbox_AP']:.2f}, mask AP {recorded['segm_AP']:.2f}"
+        in rerun.stdout.splitlines()[-2]
+    )
+
+
+def test_print_commands_gives_one_train_net_command_per_run(project, tmp_path, capsys):
+    argv = ["--print-commands", "--output", str(tmp_path), "--arms", "GN", "BN", "--seeds", "0", "1"]
+    assert project.run_study.main([*argv, "--lrs", "0.005", "0.01", "--ims-per-step", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 2 * 2 and all(" python tools/train_net.py --resume " in line for line in lines)
+    assert sum("MODEL.RESNETS.NORM BN" in line for line in lines) == 4
+    # 2 images per step: half the iterations of the 1-image schedule, the same images seen
+    assert all("SOLVER.IMS_PER_BATCH 2" in line and "SOLVER.MAX_ITER 250" in line for line in lines)
+    # the default study: phase 1 (5 main arms x 3 LRs x 3 seeds) until its results exist
+    argv = ["--print-commands", "--output", str(tmp_path), "--results", str(tmp_path / "none")]
+    assert project.run_study.main(argv) == 0
+    printed = capsys.readouterr()
+    assert len(printed.out.splitlines()) == 45 and "next phases" in printed.err
+
+
+def test_unknown_arm_is_refused_in_one_line(project, tmp_path, capsys):
+    assert project.run_study.main(["--arms", "GN", "LN", "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "run_study: error: unknown arm(s) LN; the arms are GN, GN+WS, BN, none, BCN+WS, GN+WS-MO, GN+WS-DO, "
+        "GN+WS-AF, GN+WN"
+    ]
+
+
+def test_full_study_plans_its_phases_from_results(project):
+    arms = project.arms
+
+    def results_of(cells, ap):
+        return [
+            dict(arm=c.arm, seed=c.seed, ims_per_step=c.ims_per_step, lr=c.lr, bbox_AP=ap(c)) for c in cells
+        ]
+
+    phase1, complete = arms.full_study([])
+    assert not complete and len(phase1) == 5 * 3 * 3
+    # GN best at the lowest LR, GN+WS at the highest, BN in the middle: GN and GN+WS get one LR more
+    ap = {"GN": lambda c: -c.lr, "GN+WS": lambda c: c.lr, "BN": lambda c: -abs(c.lr - 0.01)}
+    done = results_of(phase1, lambda c: ap.get(c.arm, lambda c: c.seed)(c))
+    phase2, complete = arms.full_study(done)
+    extra = {(c.arm, c.lr) for c in phase2[len(phase1) :]}
+    assert not complete and extra == {("GN", 0.0025), ("GN+WS", 0.04)}
+    done += results_of(phase2[len(phase1) :], lambda c: ap[c.arm](c))
+    phase3, complete = arms.full_study(done)
+    assert complete
+    last = {(c.arm, c.ims_per_step, c.lr) for c in phase3[len(phase2) :]}
+    ablations = {(arm, 1, 0.04) for arm in arms.ABLATION_ARMS}  # at the best GN+WS LR, extension included
+    two_images = {("GN+WS", 2, 0.08), ("BN", 2, 0.02)}  # twice each arm's best LR
+    assert last == ablations | two_images
+    assert len(phase3) == len(set(phase3)) == 45 + 6 + 12 + 6
