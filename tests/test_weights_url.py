@@ -19,6 +19,7 @@ from test_bcn_convert import _reference_resnet, _save_authors_file
 from test_convert import _gn_resnet, _mmdet_neck_and_heads, _RunsShellCommand
 
 import ws_d2
+from ws_d2 import model_zoo
 from ws_d2.checkpoint import WSCheckpointer, convert_checkpoint
 from ws_d2.errors import CheckpointError, UnsafeCheckpointError, one_line
 from ws_d2.predictor import WSPredictor
@@ -78,7 +79,9 @@ def _cfg(repo_root, config):
     return ws_d2.load_config(str(repo_root / config), ["MODEL.DEVICE", "cpu"])
 
 
-def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(tmp_path, repo_root, server):
+def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(
+    tmp_path, repo_root, server, monkeypatch
+):
     running, served, cache = server
     backbone = {
         f"backbone.{k.replace('bn', 'gn')}": v for k, v in _gn_resnet("resnet50").state_dict().items()
@@ -97,18 +100,19 @@ def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(tmp_path
 
     url = f"{running.url}/mask_r50.pth"
     from_url = build_model(cfg)
-    for _ in range(2):
-        with torch.no_grad():  # whatever the model held before, every tensor must come from the file
-            for tensor in from_url.state_dict().values():
-                tensor.zero_()
-        WSCheckpointer(from_url, config=cfg).load(url)
-        assert running.hits["/mask_r50.pth"] == 1  # the second load reads the cached copy
-        assert all(torch.equal(v, from_file.state_dict()[k]) for k, v in from_url.state_dict().items())
-    assert (cache / "mask_r50.pth").is_file()
+    WSCheckpointer(from_url, config=cfg).load(url)
+    assert running.hits["/mask_r50.pth"] == 1 and (cache / "mask_r50.pth").is_file()
+    # the model zoo's published weights, here served locally: the second load reads the cached copy
+    monkeypatch.setitem(model_zoo.published.TRAINED, MASK_R50[len("configs/") :], url)
+    from_zoo = model_zoo.get(MASK_R50[len("configs/") :], trained=True, device="cpu")
+    assert running.hits["/mask_r50.pth"] == 1
+    expected = from_file.state_dict()
+    for model in (from_url, from_zoo):  # built with other random values: every tensor came from the file
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected, got = from_file.eval().backbone(image), from_url.eval().backbone(image)
-    assert all(torch.equal(expected[k], got[k]) for k in expected) and len(expected) == 5
+        features, zoo_features = from_file.eval().backbone(image), from_zoo.eval().backbone(image)
+    assert len(features) == 5 and all(torch.equal(features[k], zoo_features[k]) for k in features)
 
 
 @pytest.mark.parametrize(
