@@ -81,6 +81,7 @@ class WSCheckpointer(DetectionCheckpointer):
     whose ``save()`` never leaves a truncated checkpoint or ``last_checkpoint`` behind.
 
     A file that cannot be read safely raises ``ws_d2.errors.CheckpointError`` with a one-line message.
+    ``config`` is the config the model was built from: a file in a published layout is converted for it.
     """
 
     def __init__(self, model, save_dir="", *, config=None, **kwargs):
