@@ -1,4 +1,5 @@
-"""A non-editable install works from any directory: the configs ship inside the package."""
+"""A non-editable install works from any directory: the configs ship inside the package, and the model zoo
+(detectron2's API) finds them and their published weights."""
 
 import shutil
 import subprocess
@@ -18,10 +19,17 @@ def test_installed_package_finds_its_configs(tmp_path, repo_root):
     target = tmp_path / "site"
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)]  # fmt: skip
     subprocess.run(install, check=True, capture_output=True)
+    zoo_config = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"
     code = (
         "import ws_d2; from ws_d2.checkpoint.convert import seed_config_file; "
         "print(ws_d2.__file__); print(seed_config_file('X_101_32x4d', mask_on=True)); "
-        "print(ws_d2.load_config(seed_config_file('R_50')).MODEL.RESNETS.DEPTH)"
+        "print(ws_d2.load_config(seed_config_file('R_50')).MODEL.RESNETS.DEPTH); "
+        "from ws_d2 import model_zoo; "
+        f"print(model_zoo.get_config_file({zoo_config!r})); "
+        f"print(model_zoo.get_config({zoo_config!r}, trained=True).MODEL.WEIGHTS); "
+        f"print(model_zoo.get_config({zoo_config!r}).MODEL.WEIGHTS); "
+        "model = model_zoo.get('quickstart/mask_rcnn_R_18_FPN_gn_ws_synthetic.yaml', device='cpu'); "
+        "print(type(model).__name__, model.backbone.bottom_up.stem.conv1.weight.device)"
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -33,8 +41,14 @@ def test_installed_package_finds_its_configs(tmp_path, repo_root):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    module, config, depth = done.stdout.split()
-    assert module.startswith(str(target)) and config.startswith(
-        str(target / "ws_d2" / "model_zoo" / "configs")
-    )
+    module, config, depth, zoo_file, trained, imagenet, model, device = done.stdout.split()
+    configs = str(target / "ws_d2" / "model_zoo" / "configs")
+    assert module.startswith(str(target)) and config.startswith(configs) and zoo_file.startswith(configs)
     assert config.endswith("mask_rcnn_X_101_32x4d_FPN_gn_ws_2x.yaml") and depth == "50"
+    assert zoo_file.endswith(zoo_config)
+    assert (
+        trained.startswith("https://download.openmmlab.com/") and "mask_rcnn_r50_fpn_gn_ws-all_2x" in trained
+    )
+    # no pretrained/R-50-GN-WS.pkl in that directory: MMDetection's copy of the authors' ImageNet model
+    assert imagenet.endswith("/resnet50_gn_ws-15beedd8.pth")
+    assert (model, device) == ("GeneralizedRCNN", "cpu")

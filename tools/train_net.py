@@ -76,7 +76,8 @@ def main(args):
     default_setup(cfg, args)
     if args.eval_only:
         model = WSTrainer.build_model(cfg)
-        WSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = WSCheckpointer(model, save_dir=cfg.OUTPUT_DIR, config=cfg)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return WSTrainer.test(cfg, model)
     trainer = WSTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

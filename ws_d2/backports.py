@@ -136,12 +136,22 @@ def fix_pkg_resources():
 
 
 def fix_coco_evaluator_fast_impl():
-    # COCOEvaluator(use_fast_impl=True), its default, calls detectron2._C's COCOeval; pycocotools'
-    # own COCOeval gives the same numbers, only slower. Retired by a build with the compiled extension.
+    # COCOEvaluator(use_fast_impl=True), its default, calls detectron2._C's COCOeval. Without it, that slot
+    # gets faster-coco-eval's C++ COCOeval, which gives pycocotools' figures (tests/test_coco_eval.py) several
+    # times faster (docs/EVALUATION.md); without that package, use_fast_impl is forced off (pycocotools).
+    # use_fast_impl=False (TEST.FAST_COCO_EVAL False) is pycocotools either way. Retired by a build with the
+    # compiled extension.
     if HAS_COMPILED_OPS:
         return False
     from detectron2.evaluation import coco_evaluation
 
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        COCOeval_faster = None
+    if COCOeval_faster is not None:
+        coco_evaluation.COCOeval_opt = COCOeval_faster
+        return True
     cls = coco_evaluation.COCOEvaluator
     if getattr(cls.__init__, "_ws_d2_no_fast_impl", False):
         return True

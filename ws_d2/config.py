@@ -39,6 +39,9 @@ def add_ws_config(cfg):
     # Micro-batch accumulation: IMS_PER_BATCH stays the images per optimizer step; each step runs
     # ITER_SIZE forward/backward passes of IMS_PER_BATCH / (world size x ITER_SIZE) images.
     cfg.SOLVER.ITER_SIZE = 1
+    # COCO evaluation: True takes detectron2's fast path (its compiled COCOeval or, without it,
+    # faster-coco-eval: the same figures, faster); False forces pycocotools' own COCOeval.
+    cfg.TEST.FAST_COCO_EVAL = True
     return cfg
 
 

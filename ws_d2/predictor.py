@@ -37,7 +37,7 @@ class WSPredictor(DefaultPredictor):
         self.cfg = cfg.clone()  # the model may change its config
         self.model = build_model(self.cfg).eval()
         if weights:
-            WSCheckpointer(self.model).load(weights)
+            WSCheckpointer(self.model, config=self.cfg).load(weights)
         if fold:
             fold_ws(self.model)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)

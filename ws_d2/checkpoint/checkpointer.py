@@ -4,6 +4,10 @@
   ``.pyth`` with ``torch.load``. Here every file is read by ``load_checkpoint_file`` (plain data only), and
   DetectionCheckpointer's rules for what it read (Detectron ``.pkl`` blobs, pycls ``.pyth``, a bare
   state_dict) are applied to the result.
+- Weights by URL or in a published layout: a URL is downloaded once into detectron2's file cache
+  (``download.py``); a file in a layout the converter knows (MMDetection detector, the authors' GN+WS or
+  BCN+WS ImageNet model, torchvision) is converted in memory by the converter's rules and checks, for the
+  config given as ``config`` (else the seed config of the file's architecture), and its report is logged.
 - Saving: fvcore writes the checkpoint and then ``last_checkpoint`` in place, so a process killed mid-save
   leaves a truncated file that ``last_checkpoint`` may name. Here each file is written to a temporary file in
   the same directory and renamed over the target, so a reader sees either the old file or the new one.
@@ -16,6 +20,8 @@ import secrets
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..errors import CheckpointError
+from .download import discard_download, fetch_checkpoint, is_url
+from .layouts import detect_layout, unwrap_state_dict
 from .safe_load import load_checkpoint_file
 
 __all__ = ["WSCheckpointer", "atomic_write"]
@@ -75,14 +81,29 @@ class WSCheckpointer(DetectionCheckpointer):
     whose ``save()`` never leaves a truncated checkpoint or ``last_checkpoint`` behind.
 
     A file that cannot be read safely raises ``ws_d2.errors.CheckpointError`` with a one-line message.
+    ``config`` is the config the model was built from: a file in a published layout is converted for it.
     """
 
-    def __init__(self, model, save_dir="", **kwargs):
+    def __init__(self, model, save_dir="", *, config=None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.path_manager = _AtomicWritesPathManager(self.path_manager)
+        self.config = config  # the model's config: the target of an in-memory conversion
+        self._downloaded = {}  # local cached path -> URL
+
+    def load(self, path, *args, **kwargs):
+        if path and is_url(path):
+            local = fetch_checkpoint(path, self.path_manager)
+            self._downloaded[local] = path
+            path = local
+        return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
-        data = load_checkpoint_file(filename)
+        try:
+            data = load_checkpoint_file(filename)
+        except CheckpointError as e:
+            if filename not in self._downloaded:
+                raise
+            raise discard_download(self._downloaded[filename], filename, e) from None
         if filename.endswith(".pkl"):
             if "model" in data and "__author__" in data:  # detectron2's own .pkl format
                 self.logger.info(f"Reading a file from '{data['__author__']}'")
@@ -96,4 +117,13 @@ class WSCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(f"{filename}: a pycls .pyth checkpoint must contain 'model_state'")
             weights = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
             return {"model": weights, "__author__": "pycls", "matching_heuristics": True}
-        return data if "model" in data else {"model": data}
+        if "model" in data:
+            return data
+        source = detect_layout(unwrap_state_dict(data))
+        if source is None:  # a bare detectron2 state_dict
+            return {"model": data}
+        from .convert import convert_in_memory  # convert.py imports this module
+
+        state_dict, report = convert_in_memory(data, source, self.config)
+        self.logger.info(f"Converted {filename} in memory: {report.summary()}")
+        return {"model": state_dict, "__author__": "ws_d2", "matching_heuristics": False}

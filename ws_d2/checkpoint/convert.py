@@ -21,6 +21,7 @@ import os
 import pickle
 
 import torch
+from detectron2.config import CfgNode
 from fvcore.common.checkpoint import get_missing_parameters_message
 
 from ..config import load_config
@@ -44,6 +45,7 @@ __all__ = [
     "convert_authors_bcn_checkpoint",
     "convert_authors_checkpoint",
     "convert_checkpoint",
+    "convert_in_memory",
     "convert_mmdet_checkpoint",
     "convert_torchvision_checkpoint",
     "seed_config_file",
@@ -97,8 +99,8 @@ def seed_config_file(architecture, mask_on=False, bcn=False):
 
 
 def _target(config_file, state_dict, prefix, mask_on=False, bcn=False):
-    """(config file, {name: shape} of the model it builds, its config); the file defaults to the seed config of
-    the ResNet architecture under `prefix` in `state_dict`. The model is built on the meta device: no memory."""
+    """(config name, {name: shape} of the model it builds, its config); `config_file` is a file, a config, or
+    None for the seed config of the ResNet architecture under `prefix` in `state_dict`. The model is built on the meta device: no memory."""
     from detectron2.modeling import build_model
 
     if config_file is None:
@@ -109,7 +111,13 @@ def _target(config_file, state_dict, prefix, mask_on=False, bcn=False):
                 f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
             ) from None
         config_file = seed_config_file(architecture, mask_on, bcn)
-    cfg = load_config(config_file, ["MODEL.DEVICE", "meta"])
+    if isinstance(config_file, CfgNode):  # the config of the model being loaded (WSCheckpointer)
+        cfg = config_file.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = "meta"
+        config_file = "the model's config"
+    else:
+        cfg = load_config(config_file, ["MODEL.DEVICE", "meta"])
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     return config_file, shapes, cfg
@@ -242,6 +250,12 @@ def save_converted(state_dict, path):
             torch.save(data, f)
 
 
+def convert_in_memory(checkpoint, source, config=None):
+    """Convert a loaded file in layout `source` for `config` (a config file, a config, or None for the seed
+    config of the file's architecture) -> ``({name: tensor}, report)``, the converter's rules and checks."""
+    return _CONVERTERS[source](checkpoint, config)
+
+
 def convert_checkpoint(src, dst, source="auto", config_file=None):
     """Read ``src`` safely, convert it from its layout (``source``, or detected), check it against the target
     config, and write ``dst`` (.pkl or .pth). Returns the ConversionReport; raises CheckpointError."""
@@ -260,6 +274,6 @@ def convert_checkpoint(src, dst, source="auto", config_file=None):
         source = detect_layout(unwrap_state_dict(checkpoint))
         if source is None:
             raise CheckpointError(f"{src}: not a known layout ({', '.join(SOURCES)}); pass --source")
-    state_dict, report = _CONVERTERS[source](checkpoint, config_file)
+    state_dict, report = convert_in_memory(checkpoint, source, config_file)
     save_converted(state_dict, dst)
     return report

@@ -58,7 +58,7 @@ class WSTrainer(DefaultTrainer):
             moving_speed=MovingSpeedSchedule.from_config(cfg),
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, config=cfg, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -74,8 +74,10 @@ class WSTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
-        """COCO box (and mask) AP; detections are kept in OUTPUT_DIR/inference/<data set>/."""
-        return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+        """COCO box (and mask) AP; detections are kept in OUTPUT_DIR/inference/<data set>/.
+        TEST.FAST_COCO_EVAL False evaluates with pycocotools' own COCOeval."""
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_dir, use_fast_impl=cfg.TEST.FAST_COCO_EVAL)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

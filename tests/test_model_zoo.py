@@ -1,0 +1,40 @@
+"""ws_d2.model_zoo: every config by name, the published trained weights of each GN+WS detector, refusals."""
+
+from pathlib import Path
+
+import pytest
+
+from ws_d2 import model_zoo
+from ws_d2.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if "Base-" not in p.name)
+
+
+def test_every_config_by_name_and_the_published_weights_of_the_gn_ws_detectors(repo_root):
+    trained = [name for name in ALL if "_gn_ws_" in name and name.startswith("COCO-")]
+    assert len(trained) == 12 and set(model_zoo.published.TRAINED) == set(trained)
+    for name in ALL:
+        assert model_zoo.get_config_file(name) == str(CONFIGS / name)
+        cfg = model_zoo.get_config(name)
+        assert not cfg.is_frozen() and cfg.MODEL.WS.ENABLED  # ws_d2's keys are there
+    model_zoo_md = (repo_root / "MODEL_ZOO.md").read_text()
+    for name in trained:
+        url = model_zoo.get_checkpoint_url(name)
+        assert model_zoo.get_config(name, trained=True).MODEL.WEIGHTS == url
+        # MMDetection's layout: <its config name>/<its config name>_<date>-<hash>.pth, documented per model
+        folder, file = url.split("/")[-2:]
+        assert file.startswith(folder + "_") and f"`{url}`" in model_zoo_md
+        # the detector's type, depth/width and schedule match the config's
+        arch, schedule = name[: -len(".yaml")].split("rcnn_")[1].split("_FPN_gn_ws_")
+        assert folder.startswith(name.split("/")[1][:4]) and arch.lower().replace("_", "") in folder.replace(
+            "_", ""
+        )
+        assert schedule.replace("-", "_") in folder
+
+
+def test_configs_without_published_weights_and_unknown_names_are_refused():
+    with pytest.raises(ConfigError, match="no published trained weights"):
+        model_zoo.get_checkpoint_url("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_bcn_ws_2x.yaml")
+    with pytest.raises(ConfigError, match="is not one of ws_d2's configs"):
+        model_zoo.get_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", trained=True)
