@@ -110,3 +110,15 @@ def test_coco_evaluator_default_runs(tmp_path):  # fix_coco_evaluator_fast_impl
     evaluator.process([{"image_id": 1}], [{"instances": inst}])
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_detectron2_export_imports_without_caffe2():  # fix_export_without_caffe2
+    import detectron2.export
+    from detectron2.export import TracingAdapter, scripting_with_instances  # noqa: F401
+
+    model = torch.nn.Linear(2, 1)
+    adapter = TracingAdapter(model, torch.ones(1, 2))
+    assert torch.jit.trace(adapter, adapter.flattened_inputs)(torch.ones(1, 2))[0].shape == (1, 1)
+    if "fix_export_without_caffe2" in backports.APPLIED_FIXES:
+        with pytest.raises(AttributeError, match="Caffe2Tracer is unavailable: .* needs caffe2"):
+            detectron2.export.Caffe2Tracer  # noqa: B018

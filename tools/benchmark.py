@@ -414,6 +414,82 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --deploy: the exported graphs against eager PyTorch (docs/BENCHMARK.md#deployment-formats).
+DEPLOY_VARIANTS = ("eager_ws", "eager_folded", "torchscript", "onnxruntime")
+
+
+def deploy_steps(settings: BenchmarkSettings, cfg, model, directory: str, size: int) -> dict:
+    """One call per variant computing the same detections of one uint8 BGR image of size x 4/3 size: the
+    traced function (deployable_inference) in eager PyTorch with WS and folded, and the exported files."""
+    import numpy as np
+    import onnxruntime
+
+    from ws_d2.export import deployable_inference, export_deployable
+
+    image = np.random.default_rng(settings.seed).integers(
+        0, 256, (size, round(size * 4 / 3), 3), dtype=np.uint8
+    )
+    tensor = torch.from_numpy(image)
+    files = {fmt: export_deployable(cfg, directory, fmt, image) for fmt in ("torchscript", "onnx")}
+    folded = fold_ws(copy.deepcopy(model)).eval()
+    scripted = torch.jit.load(files["torchscript"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
+
+    def eager(m):
+        def step():
+            with torch.no_grad():
+                deployable_inference(m, tensor)
+
+        return step
+
+    def traced():
+        with torch.no_grad():
+            scripted(tensor)
+
+    return {
+        "eager_ws": eager(model),
+        "eager_folded": eager(folded),
+        "torchscript": traced,
+        "onnxruntime": lambda: session.run(None, {"image": image}),
+    }
+
+
+def run_deploy_benchmark(settings: BenchmarkSettings, log=print) -> dict:
+    """Inference time of the exported TorchScript and ONNX files against eager PyTorch, per size, in one
+    process, alternating the variants round by round; ratios are against the eager WS model."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    cfg = benchmark_config(settings)
+    if not cfg.MODEL.DEVICE == "cpu":
+        raise ConfigError("--deploy measures onnxruntime's CPU provider: run it with --device cpu")
+    model = build_model(cfg).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.MODEL.WEIGHTS = os.path.join(tmp, "weights.pth")
+        torch.save({"model": model.state_dict()}, cfg.MODEL.WEIGHTS)
+        for size in settings.sizes:
+            steps = deploy_steps(settings, cfg, model, tmp, size)
+            samples = time_alternating(steps, settings.rounds, settings.warmup, "cpu")
+            base = statistics.median(samples["eager_ws"])
+            for variant in DEPLOY_VARIANTS:
+                median = statistics.median(samples[variant])
+                row = {"size": size, "variant": variant, "median_s": median, "ratio_to_eager_ws": median / base,
+                       "samples": samples[variant]}  # fmt: skip
+                log(f"{size:>4}px  {variant:<13} {median:8.3f} s  {median / base:6.3f}x eager WS")
+                rows.append(row)
+    return {
+        "config_file": settings.config_file,
+        "mode": "deploy",
+        "settings": asdict(settings),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", help=f"GN+WS model config (default: ws_d2's {DEFAULT_CONFIG})")
@@ -430,6 +506,8 @@ def get_parser():
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="320 px, batch 1, 3 rounds, 1 memory round")
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--deploy", action="store_true",
+                        help="time the TorchScript and ONNX exports against eager PyTorch (inference only)")  # fmt: skip
     parser.add_argument("--twin-opts", nargs="+", default=GN_TWIN_OPTS, metavar="KEY VALUE",
                         help="overrides that make the twin (default: MODEL.WS.ENABLED False, the GN twin)")  # fmt: skip
     # internal: one peak-memory sample (a JSON request) in this fresh process, printed on stdout
@@ -475,6 +553,11 @@ def main(argv=None) -> int:
         print(json.dumps(memory_sample(json.loads(args.memory_sample))))
         return 0
     check_args(parser, args)
+    if args.deploy:
+        result = run_deploy_benchmark(settings_from_args(args), log=lambda line: print(line, flush=True))
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2))
+        return 0
     result = run_benchmark(settings_from_args(args), log=lambda line: print(line, flush=True))
     print(format_report(result))
     if args.output:

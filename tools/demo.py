@@ -5,6 +5,7 @@
       [--json results.json [--coco-json instances_val.json]] --opts MODEL.WEIGHTS model.pth
   python tools/demo.py --config-file CFG --video-input clip.mp4 --output clip_drawn.mp4 --opts ...
   python tools/demo.py --config-file CFG --webcam [--output cam.avi] [--max-frames N] --opts ...
+  python tools/demo.py --config-file CFG --onnx export/model.onnx --input a.jpg --output out/
 
 Without --output the drawings are shown in a window (ESC quits), which needs a display. An unreadable
 input is reported in one line and skipped. Exit status: 0 done, 1 an input failed or was refused
@@ -29,6 +30,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from PIL import Image, UnidentifiedImageError
 
 from ws_d2.errors import DatasetError, WSD2Error, command_line, one_line
+from ws_d2.export import DeployedPredictor
 from ws_d2.predictor import VisualizationDemo, WSPredictor
 
 # What a folder given as input is searched for; files named explicitly or by a glob are tried whatever
@@ -61,8 +63,14 @@ def get_parser():
     add("--coco-json", metavar="FILE", help="COCO annotation file giving the image ids for --json")
     add("--max-frames", type=int, metavar="N", help="stop a video or webcam after N frames")
     add("--fold-ws", action="store_true", help="fold WS into the conv weights (same outputs)")
+    add("--onnx", metavar="FILE", help="run this model.onnx (tools/export_model.py) in onnxruntime instead")
     add("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
+
+
+def make_predictor(cfg, args):
+    """The exported ONNX model (--onnx; same detections, see DeployedPredictor) or the PyTorch model."""
+    return DeployedPredictor(cfg, args.onnx) if args.onnx else WSPredictor(cfg, fold=args.fold_ws)
 
 
 def setup_logging():
@@ -296,6 +304,8 @@ def main(argv=None):
         parser.error("--json works with --input images only")
     if output and not args.input and os.path.splitext(output)[1].lower() not in VIDEO_CODECS:
         parser.error(f"--output {output}: a video is written as {' or '.join(VIDEO_CODECS)}")
+    if args.onnx and args.fold_ws:
+        parser.error("--fold-ws is for the PyTorch model: an exported --onnx model has WS folded already")
     if not output and not has_display():
         parser.error("no display to show the results: pass --output DIR (or FILE)")
     setup_logging()
@@ -311,7 +321,7 @@ def main(argv=None):
         for problem in problems:
             logger.warning("skipped %s", problem)
         image_ids = assign_image_ids(paths, args.coco_json) if args.json else None
-        predictor = WSPredictor(cfg, fold=args.fold_ws)
+        predictor = make_predictor(cfg, args)
         category_ids = category_ids_for(predictor.metadata, args.coco_json) if args.json else None
         if args.json and category_ids is None:
             logger.warning("%s: category_id is the model's class index (no id mapping found)", args.json)
@@ -324,7 +334,7 @@ def main(argv=None):
 
     capture = open_capture(args.video_input)  # before the model is built: a missing camera is found at once
     try:
-        demo = VisualizationDemo(WSPredictor(cfg, fold=args.fold_ws))
+        demo = VisualizationDemo(make_predictor(cfg, args))
         fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may report 0
         count = run_on_video(demo, capture, output, fps, not output, args.max_frames)
     finally:

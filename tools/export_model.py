@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Export a GN+WS model as detectron2's stock GN model: WS folded into the weights, nothing from ws_d2 needed.
+"""Export a ws_d2 model for deployment: WS folded into the weights, nothing from ws_d2 needed to run it.
 
-  python tools/export_model.py --config-file CFG --output export/model_stock.pth --opts MODEL.WEIGHTS model.pth
+  python tools/export_model.py --config-file CFG --format weights --output export/ --opts MODEL.WEIGHTS model.pth
+  python tools/export_model.py --config-file CFG --format onnx --output export/ [--sample-image IMG] --opts ...
+  python tools/export_model.py --config-file CFG --format torchscript --output export/ --opts ...
 
-Writes export/model_stock.pth and export/model_stock.yaml. Deploy with detectron2 alone:
+weights: export/model_stock.pth and export/model_stock.yaml, detectron2's stock GN model (GN+WS models only):
   cfg = get_cfg(); cfg.merge_from_file("export/model_stock.yaml")
   model = build_model(cfg); DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-Exit status: 0 done, 1 refused or failed (missing config or weights, a component with no stock twin), 2 usage error.
+onnx: export/model.onnx, runs in onnxruntime alone; torchscript: export/model.ts, runs with torch + torchvision.
+Both take a uint8 H x W x 3 BGR image of any size (resized to the config's test size) and give boxes, scores,
+classes and, for mask models, 28 x 28 mask probabilities: docs/DEMO_AND_EXPORT.md. They are traced on
+--sample-image (default: a synthetic image); the graph does not depend on that image or its size.
+Exit status: 0 done, 1 refused or failed (missing config or weights, a model the format cannot hold), 2 usage error.
 """
 
 import argparse
@@ -15,18 +21,23 @@ import sys
 import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
 
 # isort: split
+from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from ws_d2.errors import command_line
-from ws_d2.export import export_stock_model
+from ws_d2.export import EXPORT_FORMATS, export_model
 
 
 def get_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="GN+WS model config (yaml)")
-    parser.add_argument("--output", required=True, metavar="FILE.pth", help="exported checkpoint (.pth)")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="ws_d2 model config (yaml)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="weights", help="default: weights")
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="output folder (weights: or a FILE.pth)"
+    )
+    parser.add_argument("--sample-image", metavar="IMG", help="image to trace with (torchscript, onnx)")
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
     )
@@ -35,12 +46,16 @@ def get_parser():
 
 @command_line("export_model")
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.sample_image and args.format == "weights":
+        parser.error("--sample-image is for --format torchscript or onnx")
     setup_logger(name="fvcore")
     setup_logger()
     cfg = ws_d2.load_config(args.config_file, args.opts)
-    checkpoint, config = export_stock_model(cfg, args.output)
-    print(f"wrote {checkpoint} and {config} (detectron2's stock GN model, WS folded into the weights)")
+    image = read_image(args.sample_image, format="BGR") if args.sample_image else None
+    written = export_model(cfg, args.format, args.output, image)
+    print(f"wrote {' and '.join(written)} ({args.format}, WS folded into the weights)")
     return 0
 
 

@@ -196,6 +196,45 @@ def fix_meshgrid_warning():
     return True
 
 
+def fix_export_without_caffe2():
+    # detectron2 v0.6's export/__init__.py imports its Caffe2 exporter (export/api.py: `from caffe2.proto
+    # import caffe2_pb2`) unconditionally, and torch no longer ships caffe2: `import detectron2.export` fails,
+    # and with it TracingAdapter and the TorchScript helpers, which never use caffe2. Here the package is
+    # created without running that __init__, with those names; the Caffe2 API names one missing line.
+    # Retired by detectron2's later export/__init__.py, which imports .api only when caffe2 imports.
+    if "detectron2.export" in sys.modules:
+        return False
+    try:
+        importlib.import_module("detectron2.export")
+        return False
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("caffe2"):
+            raise
+    for name in [m for m in sys.modules if m.startswith("detectron2.export.")]:
+        del sys.modules[name]  # left over from the failed import, if any
+    import detectron2
+
+    package = importlib.util.module_from_spec(importlib.util.find_spec("detectron2.export"))
+    detectron2.export = sys.modules["detectron2.export"] = package
+    from detectron2.export.flatten import TracingAdapter
+    from detectron2.export.torchscript import dump_torchscript_IR, scripting_with_instances
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"detectron2.export.{name} is unavailable: detectron2 v0.6's Caffe2 export needs caffe2, which "
+            "today's torch no longer ships (TracingAdapter, TorchScript and ONNX export work without it)"
+        )
+
+    package.TracingAdapter = TracingAdapter
+    package.dump_torchscript_IR = dump_torchscript_IR
+    package.scripting_with_instances = scripting_with_instances
+    package.__getattr__ = __getattr__
+    package.__all__ = ["TracingAdapter", "dump_torchscript_IR", "scripting_with_instances"]
+    return True
+
+
 _FIXES = [
     fix_pillow_linear,
     fix_numpy_aliases,
@@ -205,6 +244,7 @@ _FIXES = [
     fix_rotated_nms,
     fix_coco_evaluator_fast_impl,
     fix_meshgrid_warning,
+    fix_export_without_caffe2,
 ]
 
 

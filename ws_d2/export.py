@@ -1,23 +1,64 @@
-"""WS-free deployment: a GN+WS model saved as detectron2's stock GN model holding standardized weights.
+"""Deployment: a ws_d2 model as detectron2's stock GN model, as TorchScript, or as ONNX.
 
 WS is a pure function of the weights, so at inference every WS conv can hold W_hat = standardize(W) and
 skip WS (`fold_ws`): the outputs are the same, and the state_dict loads into the stock GN model that
 detectron2 alone builds from `stock_config(cfg)` (no ws_d2 import, no ws_d2 config key).
+
+The folded model traced through detectron2's `TracingAdapter` is a graph that runs without Python's
+ws_d2/detectron2: `model.ts` (TorchScript: torch + torchvision, whose import registers the nms/roi_align
+ops the graph calls) or `model.onnx` (onnxruntime alone). Its contract (`DEPLOYED_INPUT`, `DEPLOYED_OUTPUTS`):
+
+- input `image`: uint8, H x W x 3, BGR channel order (what cv2.imread gives), values 0-255, any H and W.
+  The graph converts it to the model's INPUT.FORMAT, subtracts PIXEL_MEAN, divides by PIXEL_STD and pads
+  to a multiple of the backbone's size divisibility itself. Resizing is NOT in the graph: feed the image
+  resized as detectron2 does at test time (shorter side INPUT.MIN_SIZE_TEST, longer side at most
+  INPUT.MAX_SIZE_TEST; `resize_for_model`), or any size you choose (the graph is not tied to the traced one).
+- outputs, one row per detection, best first (at most TEST.DETECTIONS_PER_IMAGE, scores above
+  ROI_HEADS.SCORE_THRESH_TEST, after per-class NMS): `boxes` float32 N x 4 (x0, y0, x1, y1 in pixels of the
+  input image), `scores` float32 N, `classes` int64 N (0-based class index), and for a mask model `masks`
+  float32 N x M x M (M = 28: each instance's mask probabilities over its box, not pasted). Scaling the boxes
+  back to the original image and pasting the masks (threshold 0.5) happen after the graph, as in
+  detectron2's `detector_postprocess`; `DeployedPredictor` does both.
 """
 
+import json
 import os
 
+import numpy as np
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.export import TracingAdapter
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
+from detectron2.structures import Boxes, Instances
 
 from .checkpoint import atomic_write
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, one_line
 from .predictor import WSPredictor
 
-__all__ = ["export_stock_model", "stock_config"]
+__all__ = [
+    "DEPLOYED_INPUT",
+    "DEPLOYED_OUTPUTS",
+    "DeployedPredictor",
+    "EXPORT_FORMATS",
+    "export_deployable",
+    "export_model",
+    "export_stock_model",
+    "resize_for_model",
+    "stock_config",
+]
+
+DEPLOYED_INPUT = "image"
+DEPLOYED_OUTPUTS = ("boxes", "scores", "classes", "masks")  # "masks" for mask models only
+DEPLOY_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+EXPORT_FORMATS = ("weights", *DEPLOY_FILES)  # weights: detectron2's stock GN model (export_stock_model)
+# ONNX opset: 16 is the first with RoiAlign's half-pixel (aligned) coordinates; 17 is what onnxruntime has
+# run this graph with here.
+ONNX_OPSET = 17
 
 # ws_d2 component -> the detectron2 component it wraps (same parameters and state_dict keys)
 STOCK_NAMES = {
@@ -32,6 +73,16 @@ COMPONENT_KEYS = {
     ("ROI_BOX_HEAD", "NAME"): ROI_BOX_HEAD_REGISTRY,
     ("ROI_MASK_HEAD", "NAME"): ROI_MASK_HEAD_REGISTRY,
 }
+
+
+def export_model(cfg, fmt, output, image=None):
+    """Export the model of `cfg` (with cfg.MODEL.WEIGHTS) in one of EXPORT_FORMATS into the folder `output`:
+    `model_stock.pth` + `.yaml` (weights; an `output` ending in .pth names the checkpoint itself), `model.ts`
+    or `model.onnx` traced on `image` (see export_deployable). Returns the files written."""
+    if fmt == "weights":
+        checkpoint = output if output.endswith(".pth") else os.path.join(output, "model_stock.pth")
+        return list(export_stock_model(cfg, checkpoint))
+    return [export_deployable(cfg, output, fmt, image)]
 
 
 def stock_config(cfg):
@@ -91,3 +142,246 @@ def _known_keys_only(cfg, reference):
         if key in kept:
             kept[key] = _known_keys_only(value, kept[key]) if isinstance(value, type(cfg)) else value
     return kept
+
+
+def resize_for_model(image, cfg):
+    """`image` (H x W x C) resized as the model's predictor does at test time: detectron2's ResizeShortestEdge
+    to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (what WSPredictor does before the model)."""
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    return resize.get_transform(image).apply_image(image)
+
+
+def deployable_inference(model, image):
+    """What the exported graph computes: a GeneralizedRCNN's raw detections of one uint8 BGR H x W x 3 image
+    (see the module docstring), as a tuple of tensors. Detectron2's own export traces the same
+    `inference(..., do_postprocess=False)`: its postprocessing (mask pasting) is not traceable."""
+    chw = image.permute(2, 0, 1).float()
+    if model.input_format == "RGB":
+        chw = chw.flip(0)
+    instances = model.inference([{"image": chw}], do_postprocess=False)[0]
+    outputs = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
+    if instances.has("pred_masks"):
+        outputs += (instances.pred_masks[:, 0],)  # N x 1 x M x M -> N x M x M
+    return outputs
+
+
+def sample_image(cfg, seed=0):
+    """A BGR uint8 image of the model's test size (4:3) to trace with when the user gives none: noise with a
+    few flat rectangles. Tracing records the ops, not the values: the graph then runs on any image."""
+    rng = np.random.default_rng(seed)
+    height = cfg.INPUT.MIN_SIZE_TEST
+    width = min(round(height * 4 / 3), max(cfg.INPUT.MAX_SIZE_TEST, height))
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[y : y + height // 3, x : x + width // 3] = rng.integers(0, 256, 3)
+    return image
+
+
+def export_deployable(cfg, output_dir, fmt, image=None):
+    """Write `output_dir/model.ts` (fmt "torchscript") or `output_dir/model.onnx` (fmt "onnx"): the model
+    of `cfg` with cfg.MODEL.WEIGHTS (read safely), WS folded, traced on `image` (BGR uint8; default
+    `sample_image(cfg)`) resized by `resize_for_model`. The graph's input and outputs are the module
+    docstring's; the file also carries `deployment_info(cfg)` (ONNX metadata_props / TorchScript extra file
+    `ws_d2.json`). TorchScript runs on the device it was traced on (MODEL.DEVICE); ONNX on any onnxruntime
+    provider. Returns the file written."""
+    if fmt not in DEPLOY_FILES:
+        raise ConfigError(f"export format {fmt!r}: not one of {', '.join(DEPLOY_FILES)}")
+    if not cfg.MODEL.WEIGHTS:
+        raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
+    model = WSPredictor(cfg, fold=True).model
+    check_deployable(model, cfg)
+    resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
+    adapter = TracingAdapter(model, (torch.from_numpy(np.ascontiguousarray(resized)).to(model.device),),
+                             deployable_inference)  # fmt: skip
+    output_names = list(DEPLOYED_OUTPUTS[: 4 if cfg.MODEL.MASK_ON else 3])
+    info = json.dumps(deployment_info(cfg, output_names))
+    path = os.path.join(output_dir, DEPLOY_FILES[fmt])
+    os.makedirs(output_dir, exist_ok=True)
+    with _tracing_quietly():
+        if fmt == "torchscript":
+            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+            with atomic_write(path) as f:
+                torch.jit.save(traced, f, _extra_files={"ws_d2.json": info})
+        else:
+            data = _onnx_bytes(adapter, output_names)
+            with atomic_write(path) as f:
+                f.write(_with_metadata(data, info))
+    return path
+
+
+def check_deployable(model, cfg):
+    """Refuse, in one line naming what blocks it, a model the deployed graph cannot represent."""
+    if not isinstance(model, GeneralizedRCNN):
+        raise ConfigError(
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only GeneralizedRCNN (Faster/Mask R-CNN) "
+            "models are exported to TorchScript/ONNX"
+        )
+    if cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("MODEL.KEYPOINT_ON: keypoint outputs are not part of the exported graph")
+
+
+def deployment_info(cfg, output_names):
+    """What a user of the exported file needs besides the graph: how to resize, what the outputs mean."""
+    from detectron2.data import MetadataCatalog
+
+    classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST else None
+    return {
+        "input": f"{DEPLOYED_INPUT}: uint8 H x W x 3, BGR, 0-255, resized: shorter side "
+        f"{cfg.INPUT.MIN_SIZE_TEST}, longer side at most {cfg.INPUT.MAX_SIZE_TEST}",
+        "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+        "outputs": output_names,
+        "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        "mask_threshold": 0.5,
+        "thing_classes": list(classes) if classes else None,
+    }
+
+
+class DeployedPredictor:
+    """An exported `model.onnx` (run by onnxruntime) or `model.ts` (TorchScript) used as WSPredictor is: a BGR
+    uint8 image of any size in, `{"instances": Instances}` in that image's coordinates out. Around the graph
+    it does what the graph leaves out (module docstring): `resize_for_model` before, detectron2's
+    `detector_postprocess` after (boxes scaled back, masks pasted at threshold 0.5). `cfg` is the config the
+    model was exported from (test size, class names for drawing, MODEL.DEVICE); its
+    ROI_HEADS.SCORE_THRESH_TEST filters the detections further when it is above the exported one."""
+
+    def __init__(self, cfg, model_file):
+        from detectron2.data import MetadataCatalog
+        from detectron2.data.catalog import Metadata
+
+        if not os.path.isfile(model_file):
+            raise ConfigError(f"{model_file}: no such exported model file")
+        self.cfg = cfg.clone()
+        self.device = cfg.MODEL.DEVICE
+        if model_file.endswith(".onnx"):
+            self._run = _onnxruntime_runner(model_file, self.device)
+        elif model_file.endswith(".ts"):
+            self._run = _torchscript_runner(model_file, self.device)
+        else:
+            raise ConfigError(f"{model_file}: an exported model is a .onnx or a .ts file")
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else Metadata()
+
+    def __call__(self, image_bgr):
+        height, width = image_bgr.shape[:2]
+        resized = np.ascontiguousarray(resize_for_model(image_bgr, self.cfg))
+        outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
+        # A threshold above the exported one gives what the eager model with it gives: NMS only lets a
+        # higher score suppress a box, and the top-k of the kept scores are the same.
+        keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+        outputs = {name: value[keep] for name, value in outputs.items()}
+        instances = Instances(resized.shape[:2])
+        instances.pred_boxes = Boxes(outputs["boxes"])
+        instances.scores = outputs["scores"]
+        instances.pred_classes = outputs["classes"]
+        if "masks" in outputs:
+            instances.pred_masks = outputs["masks"][:, None]  # N x 1 x M x M, as the eager model gives them
+        return {"instances": detector_postprocess(instances, height, width)}
+
+
+def _onnxruntime_runner(model_file, device):
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = onnxruntime.InferenceSession(model_file, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types, e.g. for a file that is not ONNX
+        raise ConfigError(f"{model_file}: onnxruntime cannot load it ({one_line(e)})") from None
+    names = [output.name for output in session.get_outputs()]
+    return lambda image: dict(zip(names, session.run(None, {DEPLOYED_INPUT: image})))
+
+
+def _torchscript_runner(model_file, device):
+    import torchvision  # noqa: F401  (registers the torchvision::nms / roi_align ops the graph calls)
+
+    extra_files = {"ws_d2.json": ""}
+    try:
+        module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
+    except RuntimeError as e:
+        raise ConfigError(f"{model_file}: TorchScript cannot load it ({one_line(e)})") from None
+    if not extra_files["ws_d2.json"]:
+        raise ConfigError(f"{model_file}: not a model written by ws_d2's export (no ws_d2.json inside)")
+    names = json.loads(extra_files["ws_d2.json"])["outputs"]
+
+    def run(image):
+        with torch.no_grad():
+            return dict(zip(names, module(torch.from_numpy(image).to(device))))
+
+    return run
+
+
+def _group_norm_any_batch(g, x, num_groups, weight, bias, eps, cudnn_enabled):
+    """ONNX symbolic of aten::group_norm, as torch's own (reshape to N x G x rest, InstanceNormalization,
+    reshape back, per-channel affine) except that `rest` is computed, not -1: onnxruntime cannot infer a -1
+    in an empty tensor, and the mask head gets an empty batch on an image without detections."""
+    from torch.onnx.symbolic_helper import _get_const
+
+    groups = _get_const(num_groups, "i", "num_groups")
+    epsilon = _get_const(eps, "f", "eps")
+    dtype = torch.float32 if x.type().scalarType() == "Float" else torch.float64
+    shape = g.op("Shape", x)
+    batch = g.op("Shape", x, start_i=0, end_i=1)
+    per_sample = g.op("ReduceProd", g.op("Shape", x, start_i=1), keepdims_i=1)
+    group_count = g.op("Constant", value_t=torch.tensor([groups]))
+    grouped = g.op("Concat", batch, group_count, g.op("Div", per_sample, group_count), axis_i=0)
+    ones = g.op("Constant", value_t=torch.ones(groups, dtype=dtype))
+    zeros = g.op("Constant", value_t=torch.zeros(groups, dtype=dtype))
+    normalized = g.op("InstanceNormalization", g.op("Reshape", x, grouped), ones, zeros, epsilon_f=epsilon)
+    out = g.op("Reshape", normalized, shape)
+    rank = x.type().dim()
+    per_channel = g.op("Constant", value_t=torch.tensor([-1] + [1] * (rank - 2)))  # C x 1 x 1
+    if not weight.node().mustBeNone():
+        out = g.op("Mul", out, g.op("Reshape", weight, per_channel))
+    if not bias.node().mustBeNone():
+        out = g.op("Add", out, g.op("Reshape", bias, per_channel))
+    return out
+
+
+def _onnx_bytes(adapter, output_names):
+    import io
+
+    buffer = io.BytesIO()
+    dynamic_axes = {DEPLOYED_INPUT: {0: "height", 1: "width"}}
+    dynamic_axes.update({name: {0: "detections"} for name in output_names})
+    torch.onnx.register_custom_op_symbolic("aten::group_norm", _group_norm_any_batch, ONNX_OPSET)
+    try:
+        torch.onnx.export(
+            adapter,
+            adapter.flattened_inputs,
+            buffer,
+            input_names=[DEPLOYED_INPUT],
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=ONNX_OPSET,
+            dynamo=False,  # the TorchScript-based exporter: detectron2's models are traced, not torch.export-ed
+        )
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::group_norm", ONNX_OPSET)
+    return buffer.getvalue()
+
+
+def _with_metadata(onnx_bytes, info):
+    import onnx
+
+    proto = onnx.load_from_string(onnx_bytes)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "ws_d2", info
+    return proto.SerializeToString()
+
+
+class _tracing_quietly:
+    """Silence the tracer's and the ONNX exporter's warnings about detectron2's Python-side shape logic, which
+    detectron2 wrote to be trace-safe (its own export path triggers the same ones)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catcher = warnings.catch_warnings()
+        self._catcher.__enter__()
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return self
+
+    def __exit__(self, *exc):
+        return self._catcher.__exit__(*exc)
