@@ -160,25 +160,26 @@ def save_results(path, results):
 
 
 def rerun(args, study, results_file):
+    """Make one cell again, alone, with the recorded run's thread count (float sums depend on it), and print
+    its AP beside the recorded one and the spread of its seeds."""
     arm, seed, ims, lr = args.rerun
     cell = arms.Cell(arms.check_arms([arm])[0], int(seed), int(ims), float(lr))
     if runs.is_finished(runs.run_dir(study.output, cell)):
         raise ConfigError(
             f"{runs.run_dir(study.output, cell)} already holds this run; choose an empty --output"
         )
+    results = load_results(results_file)
+    recorded = next((r for r in results if key(r) == key(cell)), None)
+    if recorded and not args.threads and (recorded.get("machine") or {}).get("threads"):
+        study.threads = recorded["machine"]["threads"]
     study.prepare_data(args.quick)
     (entry,) = run_cells(study, [cell], 1)
-    recorded = [
-        r
-        for r in load_results(results_file)
-        if arms.Cell(r["arm"], r["seed"], r["ims_per_step"], r["lr"]) == cell
-    ]
-    seeds = [r for r in load_results(results_file) if (r["arm"], r["ims_per_step"], r["lr"]) == (cell.arm, cell.ims_per_step, cell.lr)]  # fmt: skip
     print(f"[study] rerun {cell.name}: box AP {entry['bbox_AP']:.2f}, mask AP {entry['segm_AP']:.2f}")
     if recorded:
-        box = [r["bbox_AP"] for r in seeds]
-        print(f"[study] recorded in {results_file}: box AP {recorded[0]['bbox_AP']:.2f}, mask AP "
-              f"{recorded[0]['segm_AP']:.2f}; its seeds span box AP {min(box):.2f}-{max(box):.2f}")  # fmt: skip
+        same_cell = (cell.arm, cell.ims_per_step, cell.lr)
+        box = [r["bbox_AP"] for r in results if (r["arm"], r["ims_per_step"], r["lr"]) == same_cell]
+        print(f"[study] recorded in {results_file}: box AP {recorded['bbox_AP']:.2f}, mask AP "
+              f"{recorded['segm_AP']:.2f}; its seeds span box AP {min(box):.2f}-{max(box):.2f}")  # fmt: skip
     return entry
 
 
