@@ -21,8 +21,10 @@ ops the graph calls) or `model.onnx` (onnxruntime alone). Its contract (`DEPLOYE
   detectron2's `detector_postprocess`; `DeployedPredictor` does both.
 """
 
+import contextlib
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -298,7 +300,8 @@ def _torchscript_runner(model_file, device):
 
     extra_files = {"ws_d2.json": ""}
     try:
-        module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
+        with _tracing_quietly():
+            module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
     except RuntimeError as e:
         raise ConfigError(f"{model_file}: TorchScript cannot load it ({one_line(e)})") from None
     if not extra_files["ws_d2.json"]:
@@ -371,17 +374,14 @@ def _with_metadata(onnx_bytes, info):
     return proto.SerializeToString()
 
 
-class _tracing_quietly:
-    """Silence the tracer's and the ONNX exporter's warnings about detectron2's Python-side shape logic, which
-    detectron2 wrote to be trace-safe (its own export path triggers the same ones)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catcher = warnings.catch_warnings()
-        self._catcher.__enter__()
+@contextlib.contextmanager
+def _tracing_quietly():
+    """Silence what tracing detectron2's model always prints and what does not apply to it: the tracer's
+    warnings about its Python-side shape logic (which detectron2 wrote to be trace-safe), torch's notice that
+    torch.jit is deprecated, and the ONNX exporter's caveat about negative indices (the graph indexes with
+    nonzero() and arange() results only)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return self
-
-    def __exit__(self, *exc):
-        return self._catcher.__exit__(*exc)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", r"Exporting aten::index operator of advanced indexing", UserWarning)
+        yield
