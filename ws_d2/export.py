@@ -79,11 +79,16 @@ COMPONENT_KEYS = {
 
 def export_model(cfg, fmt, output, image=None):
     """Export the model of `cfg` (with cfg.MODEL.WEIGHTS) in one of EXPORT_FORMATS into the folder `output`:
-    `model_stock.pth` + `.yaml` (weights; an `output` ending in .pth names the checkpoint itself), `model.ts`
+    `model_stock.pth` + `.yaml` (weights; an `output` with an extension names the .pth itself), `model.ts`
     or `model.onnx` traced on `image` (see export_deployable). Returns the files written."""
+    named_file = os.path.splitext(output.rstrip("/" + os.sep))[1]
     if fmt == "weights":
-        checkpoint = output if output.endswith(".pth") else os.path.join(output, "model_stock.pth")
-        return list(export_stock_model(cfg, checkpoint))
+        checkpoint = output if named_file else os.path.join(output, "model_stock.pth")
+        return list(export_stock_model(cfg, checkpoint))  # refuses a file other than .pth
+    if named_file:
+        raise ConfigError(
+            f"{output}: --output is the folder to write {DEPLOY_FILES.get(fmt, 'the model')} into"
+        )
     return [export_deployable(cfg, output, fmt, image)]
 
 
