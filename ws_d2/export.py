@@ -199,7 +199,7 @@ def export_deployable(cfg, output_dir, fmt, image=None):
     model = WSPredictor(cfg, fold=True).model
     check_deployable(model, cfg)
     resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
-    adapter = TracingAdapter(model, (torch.from_numpy(np.ascontiguousarray(resized)).to(model.device),),
+    adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),
                              deployable_inference)  # fmt: skip
     output_names = list(DEPLOYED_OUTPUTS[: 4 if cfg.MODEL.MASK_ON else 3])
     info = json.dumps(deployment_info(cfg, output_names))
@@ -271,7 +271,7 @@ class DeployedPredictor:
 
     def __call__(self, image_bgr):
         height, width = image_bgr.shape[:2]
-        resized = np.ascontiguousarray(resize_for_model(image_bgr, self.cfg))
+        resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
         outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
         # A threshold above the exported one gives what the eager model with it gives: NMS only lets a
         # higher score suppress a box, and the top-k of the kept scores are the same.
