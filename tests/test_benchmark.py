@@ -180,3 +180,11 @@ def test_a_missing_config_exits_1_with_one_line(benchmark, tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     assert benchmark.main(["--config-file", str(missing)]) == 1
     assert capsys.readouterr().err.strip() == f"benchmark: error: config file not found: {missing}"
+
+
+def test_deploy_mode_times_every_format_against_eager(benchmark, tiny_settings):
+    result = benchmark.run_deploy_benchmark(tiny_settings(warmup=0), log=lambda line: None)
+    json.dumps(result)
+    assert [row["variant"] for row in result["rows"]] == list(benchmark.DEPLOY_VARIANTS)
+    assert result["rows"][0]["ratio_to_eager_ws"] == 1.0
+    assert all(row["median_s"] > 0 and len(row["samples"]) == 1 for row in result["rows"])

@@ -226,6 +226,6 @@ def test_bcn_model_exports_and_demo_runs_it(load_tool, tiny_config, repo_root, t
         "--confidence-threshold",
         "0.0",
     ]
-    assert load_tool("demo").main([*demo, "--output", str(tmp_path / "drawn.png"), "--opts", *opts]) == 0
+    assert load_tool("demo").main([*demo, "--output", str(tmp_path / "drawn.png"), *opts]) == 0
     drawn = cv2.imread(str(tmp_path / "drawn.png"))
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)  # detections were drawn

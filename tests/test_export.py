@@ -201,3 +201,10 @@ def test_export_cli(load_tool, tiny_config, trained_cfg, tmp_path, capsys):
     output = tmp_path / "out" / "m.pth"
     assert export_tool.main([*argv[:-1], str(output), "--opts", "MODEL.WEIGHTS", weights]) == 0
     assert output.is_file() and (tmp_path / "out" / "m.yaml").is_file()
+    folder = tmp_path / "folder"  # --output names a folder unless it ends with .pth
+    assert export_tool.main([*argv[:-1], str(folder), "--opts", "MODEL.WEIGHTS", weights]) == 0
+    assert (folder / "model_stock.pth").is_file() and (folder / "model_stock.yaml").is_file()
+    assert export_status(export_tool, [*argv, "--sample-image", "photo.jpg"]) == 2  # graph formats only
+    assert export_status(export_tool, [*argv, "--format", "tflite"]) == 2
+    assert export_status(export_tool, [*argv[:-1], str(tmp_path / "m.onnx"), "--format", "onnx"]) == 1
+    assert "m.onnx: --output is the folder to write model.onnx into" in capsys.readouterr().err

@@ -21,8 +21,10 @@ ops the graph calls) or `model.onnx` (onnxruntime alone). Its contract (`DEPLOYE
   detectron2's `detector_postprocess`; `DeployedPredictor` does both.
 """
 
+import contextlib
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -77,11 +79,16 @@ COMPONENT_KEYS = {
 
 def export_model(cfg, fmt, output, image=None):
     """Export the model of `cfg` (with cfg.MODEL.WEIGHTS) in one of EXPORT_FORMATS into the folder `output`:
-    `model_stock.pth` + `.yaml` (weights; an `output` ending in .pth names the checkpoint itself), `model.ts`
+    `model_stock.pth` + `.yaml` (weights; an `output` with an extension names the .pth itself), `model.ts`
     or `model.onnx` traced on `image` (see export_deployable). Returns the files written."""
+    named_file = os.path.splitext(output.rstrip("/" + os.sep))[1]
     if fmt == "weights":
-        checkpoint = output if output.endswith(".pth") else os.path.join(output, "model_stock.pth")
-        return list(export_stock_model(cfg, checkpoint))
+        checkpoint = output if named_file else os.path.join(output, "model_stock.pth")
+        return list(export_stock_model(cfg, checkpoint))  # refuses a file other than .pth
+    if named_file:
+        raise ConfigError(
+            f"{output}: --output is the folder to write {DEPLOY_FILES.get(fmt, 'the model')} into"
+        )
     return [export_deployable(cfg, output, fmt, image)]
 
 
@@ -192,7 +199,7 @@ def export_deployable(cfg, output_dir, fmt, image=None):
     model = WSPredictor(cfg, fold=True).model
     check_deployable(model, cfg)
     resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
-    adapter = TracingAdapter(model, (torch.from_numpy(np.ascontiguousarray(resized)).to(model.device),),
+    adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),
                              deployable_inference)  # fmt: skip
     output_names = list(DEPLOYED_OUTPUTS[: 4 if cfg.MODEL.MASK_ON else 3])
     info = json.dumps(deployment_info(cfg, output_names))
@@ -264,7 +271,7 @@ class DeployedPredictor:
 
     def __call__(self, image_bgr):
         height, width = image_bgr.shape[:2]
-        resized = np.ascontiguousarray(resize_for_model(image_bgr, self.cfg))
+        resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
         outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
         # A threshold above the exported one gives what the eager model with it gives: NMS only lets a
         # higher score suppress a box, and the top-k of the kept scores are the same.
@@ -298,7 +305,8 @@ def _torchscript_runner(model_file, device):
 
     extra_files = {"ws_d2.json": ""}
     try:
-        module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
+        with _tracing_quietly():
+            module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
     except RuntimeError as e:
         raise ConfigError(f"{model_file}: TorchScript cannot load it ({one_line(e)})") from None
     if not extra_files["ws_d2.json"]:
@@ -371,17 +379,14 @@ def _with_metadata(onnx_bytes, info):
     return proto.SerializeToString()
 
 
-class _tracing_quietly:
-    """Silence the tracer's and the ONNX exporter's warnings about detectron2's Python-side shape logic, which
-    detectron2 wrote to be trace-safe (its own export path triggers the same ones)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catcher = warnings.catch_warnings()
-        self._catcher.__enter__()
+@contextlib.contextmanager
+def _tracing_quietly():
+    """Silence what tracing detectron2's model always prints and what does not apply to it: the tracer's
+    warnings about its Python-side shape logic (which detectron2 wrote to be trace-safe), torch's notice that
+    torch.jit is deprecated, and the ONNX exporter's caveat about negative indices (the graph indexes with
+    nonzero() and arange() results only)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return self
-
-    def __exit__(self, *exc):
-        return self._catcher.__exit__(*exc)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", r"Exporting aten::index operator of advanced indexing", UserWarning)
+        yield
