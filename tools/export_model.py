@@ -10,6 +10,7 @@ Exit status: 0 done, 1 refused or failed (missing config or weights, a component
 """
 
 import argparse
+import os
 import sys
 
 import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
@@ -19,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from ws_d2.errors import command_line
 from ws_d2.export import export_stock_model
+from ws_d2.outputs import refuse_output_onto_inputs
 
 
 def get_parser():
@@ -39,6 +41,8 @@ def main(argv=None):
     setup_logger(name="fvcore")
     setup_logger()
     cfg = ws_d2.load_config(args.config_file, args.opts)
+    for output in (args.output, os.path.splitext(args.output)[0] + ".yaml"):
+        refuse_output_onto_inputs(output, [args.config_file])
     checkpoint, config = export_stock_model(cfg, args.output)
     print(f"wrote {checkpoint} and {config} (detectron2's stock GN model, WS folded into the weights)")
     return 0
