@@ -36,7 +36,7 @@ def refuse_output_onto_inputs(output, inputs, into_folder=False, option="--outpu
             raise ConfigError(f"{option} {output} is the input {source}: refusing to overwrite an input")
         if into_folder and _same_file(os.path.dirname(os.path.realpath(source)), output):
             raise ConfigError(
-                f"{option} {output} holds the input {source}, whose drawing would replace it: "
+                f"{option} {output} holds the input {source}: refusing to overwrite it with its drawing, "
                 "write into another folder"
             )
 
