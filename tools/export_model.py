@@ -40,9 +40,9 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="fvcore")
     setup_logger()
-    cfg = ws_d2.load_config(args.config_file, args.opts)
     for output in (args.output, os.path.splitext(args.output)[0] + ".yaml"):
         refuse_output_onto_inputs(output, [args.config_file])
+    cfg = ws_d2.load_config(args.config_file, args.opts)
     checkpoint, config = export_stock_model(cfg, args.output)
     print(f"wrote {checkpoint} and {config} (detectron2's stock GN model, WS folded into the weights)")
     return 0
