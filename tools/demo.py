@@ -13,6 +13,7 @@ input is reported in one line and skipped. Exit status: 0 done, 1 an input faile
 """
 
 import argparse
+import contextlib
 import glob
 import itertools
 import json
@@ -29,8 +30,10 @@ from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from PIL import Image, UnidentifiedImageError
 
+from ws_d2.checkpoint import atomic_write
 from ws_d2.errors import DatasetError, WSD2Error, command_line, one_line
 from ws_d2.export import DeployedPredictor
+from ws_d2.outputs import atomic_output_path, refuse_output_onto_inputs
 from ws_d2.predictor import VisualizationDemo, WSPredictor
 
 # What a folder given as input is searched for; files named explicitly or by a glob are tried whatever
@@ -38,6 +41,8 @@ from ws_d2.predictor import VisualizationDemo, WSPredictor
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
 # What this OpenCV build writes without extra codecs (H.264 needs a hardware or GPL encoder).
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
+# 16-bit (and 32-bit integer) grayscale, as PIL opens a 16-bit PNG or TIFF
+WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 WINDOW_NAME, ESC = "ws_d2 demo", 27
 logger = logging.getLogger("demo")
 
@@ -124,6 +129,16 @@ def read_image_bgr(path):
     """An HxWx3 uint8 BGR image from any file PIL reads: grayscale, palette and RGBA become 3 channels
     and the EXIF orientation is applied (detectron2's read_image). Raises UnreadableImageError."""
     try:
+        with Image.open(path) as image:
+            mode = image.mode
+            gray = np.asarray(image) if mode in WIDE_GRAY_MODES else None
+        if gray is not None:  # PIL's RGB conversion clips these to white: scale 16 bits to 8
+            if gray.min() < 0 or gray.max() > 65535:
+                raise ValueError(f"{mode} pixels outside 0..65535: not a 16-bit image")
+            gray = np.round(gray.astype(np.float64) / 257).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        if mode == "F":
+            raise ValueError("floating-point pixels: convert it to an 8- or 16-bit image")
         return np.ascontiguousarray(read_image(path, format="BGR"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # a missing, truncated or unidentified file is an OSError
@@ -168,11 +183,16 @@ def run_on_images(demo, paths, output=None, display=False, image_ids=None, categ
             coco_results += instances_to_coco_results(predictions["instances"], image_ids[path], category_ids)
         if output:
             target = image_output_path(output, path, len(paths) > 1, written)
-            # imwrite raises for an extension it has no writer for, rather than return False
-            if not (cv2.haveImageWriter(target) and cv2.imwrite(target, drawn_rgb[:, :, ::-1])):
+            # imencode raises for an extension it has no writer for, rather than return False
+            encoded = cv2.haveImageWriter(target) and cv2.imencode(
+                os.path.splitext(target)[1], drawn_rgb[:, :, ::-1]
+            )
+            if not (encoded and encoded[0]):
                 failed.append(f"{target}: cannot write the drawing of {path} (unsupported image extension?)")
                 logger.warning("skipped %s", failed[-1])
                 continue
+            with atomic_write(target) as f:
+                f.write(encoded[1].tobytes())
             written.add(target)
         if display and not show(drawn_rgb[:, :, ::-1], 0):
             break
@@ -236,7 +256,7 @@ def instances_to_coco_results(instances, image_id, category_ids=None):
 
 def write_coco_results(results, json_file):
     os.makedirs(os.path.dirname(json_file) or ".", exist_ok=True)
-    with open(json_file, "w") as f:
+    with atomic_write(json_file, "w") as f:
         json.dump(results, f)
     if not results:  # pycocotools' loadRes cannot read an empty list: say so rather than fail later
         logger.warning("%s: no predictions above the threshold (pycocotools cannot load [])", json_file)
@@ -273,25 +293,28 @@ def run_on_video(demo, frames, output=None, fps=30.0, display=False, max_frames=
     """Draw the predictions on the frames of `frames` (a capture object or an iterable of BGR frames),
     write them to the video file `output` (.mp4/.avi) and/or show them (ESC stops). Returns the count."""
     writer, count = None, 0
-    try:
-        for _, drawn in itertools.islice(demo.run_on_video(frames), max_frames):
-            if output and writer is None:
-                os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-                height, width = drawn.shape[:2]
-                fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[os.path.splitext(output)[1].lower()])
-                writer = cv2.VideoWriter(output, fourcc, fps, (width, height), True)
-                if not writer.isOpened():
-                    raise OSError(f"{output}: OpenCV cannot write this video file")
+    if output:
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    # frames go to a temporary file, renamed to `output` once the video is complete
+    with atomic_output_path(output) if output else contextlib.nullcontext() as partial:
+        try:
+            for _, drawn in itertools.islice(demo.run_on_video(frames), max_frames):
+                if output and writer is None:
+                    height, width = drawn.shape[:2]
+                    fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[os.path.splitext(output)[1].lower()])
+                    writer = cv2.VideoWriter(partial, fourcc, fps, (width, height), True)
+                    if not writer.isOpened():
+                        raise OSError(f"{output}: OpenCV cannot write this video file")
+                if writer is not None:
+                    writer.write(drawn)
+                count += 1
+                if display and not show(drawn, 1):
+                    break
+        finally:
             if writer is not None:
-                writer.write(drawn)
-            count += 1
-            if display and not show(drawn, 1):
-                break
-    finally:
-        if writer is not None:
-            writer.release()
-        if display:
-            cv2.destroyAllWindows()
+                writer.release()
+            if display:
+                cv2.destroyAllWindows()
     return count
 
 
@@ -306,6 +329,10 @@ def main(argv=None):
         parser.error(f"--output {output}: a video is written as {' or '.join(VIDEO_CODECS)}")
     if args.onnx and args.fold_ws:
         parser.error("--fold-ws is for the PyTorch model: an exported --onnx model has WS folded already")
+    if not 0 <= args.confidence_threshold <= 1:
+        parser.error(
+            f"--confidence-threshold {args.confidence_threshold}: a score threshold is between 0 and 1"
+        )
     if not output and not has_display():
         parser.error("no display to show the results: pass --output DIR (or FILE)")
     setup_logging()
@@ -318,6 +345,9 @@ def main(argv=None):
 
     if args.input:
         paths, problems = expand_inputs(args.input)
+        into_folder = len(paths) > 1 or os.path.isdir(output or "") or (output or "").endswith(("/", os.sep))
+        refuse_output_onto_inputs(output, [*paths, args.config_file], into_folder)
+        refuse_output_onto_inputs(args.json, [*paths, args.config_file, args.coco_json], option="--json")
         for problem in problems:
             logger.warning("skipped %s", problem)
         image_ids = assign_image_ids(paths, args.coco_json) if args.json else None
@@ -332,6 +362,7 @@ def main(argv=None):
         logger.info("%d images processed, %d inputs failed", len(done), len(problems) + len(failed))
         return 1 if problems or failed else 0
 
+    refuse_output_onto_inputs(output, [args.video_input, args.config_file])
     capture = open_capture(args.video_input)  # before the model is built: a missing camera is found at once
     try:
         demo = VisualizationDemo(make_predictor(cfg, args))

@@ -16,6 +16,7 @@ Exit status: 0 done, 1 refused or failed (missing config or weights, a model the
 """
 
 import argparse
+import os
 import sys
 
 import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
@@ -26,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 
 from ws_d2.errors import command_line
 from ws_d2.export import EXPORT_FORMATS, export_model
+from ws_d2.outputs import refuse_output_onto_inputs
 
 
 def get_parser():
@@ -52,6 +54,8 @@ def main(argv=None):
         parser.error("--sample-image is for --format torchscript or onnx")
     setup_logger(name="fvcore")
     setup_logger()
+    for output in (args.output, os.path.splitext(args.output)[0] + ".yaml"):
+        refuse_output_onto_inputs(output, [args.config_file])
     cfg = ws_d2.load_config(args.config_file, args.opts)
     image = read_image(args.sample_image, format="BGR") if args.sample_image else None
     written = export_model(cfg, args.format, args.output, image)

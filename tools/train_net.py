@@ -21,7 +21,8 @@ import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before det
 import torch
 from detectron2.engine import default_argument_parser, default_setup
 
-from ws_d2.checkpoint import WSCheckpointer
+from ws_d2.checkpoint import WSCheckpointer, load_checkpoint_file
+from ws_d2.config import check_device
 from ws_d2.data import check_datasets, register_coco_dataset
 from ws_d2.engine import WSTrainer, check_trainable, launch, launched_by_torchrun
 from ws_d2.errors import ConfigError, command_line
@@ -42,8 +43,8 @@ def setup(args):
     for name, json_file, image_dir in args.coco_dataset:
         register_coco_dataset(name, json_file, image_dir)
     cfg = ws_d2.load_config(args.config_file, args.opts, freeze=False)
-    if args.num_cpu_procs or (cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()):
-        cfg.MODEL.DEVICE = "cpu"  # detectron2 defaults to "cuda"; a CPU-only machine trains on the CPU
+    if args.num_cpu_procs:
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
@@ -53,6 +54,7 @@ def check(args):
     if not args.num_cpu_procs and args.num_gpus > 1 and not torch.cuda.is_available():
         raise ConfigError(f"--num-gpus {args.num_gpus} but CUDA is not available; use --num-cpu-procs N")
     cfg = setup(args)
+    check_device(cfg)  # never train on another device than the one asked for
     world_size = (
         int(os.environ["WORLD_SIZE"])
         if launched_by_torchrun()
@@ -61,13 +63,43 @@ def check(args):
     if not args.eval_only:
         check_trainable(cfg, world_size)
     check_datasets(cfg, train=not args.eval_only)
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    check_output_dir(cfg.OUTPUT_DIR, args)
     weights = cfg.MODEL.WEIGHTS
-    if weights and not resuming and "://" not in weights and not os.path.isfile(weights):
+    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        weights = last_checkpoint(cfg.OUTPUT_DIR)
+    elif weights and "://" not in weights and not os.path.isfile(weights):
         raise ConfigError(
             f"MODEL.WEIGHTS file not found: {weights} (convert the ImageNet weights first, see MODEL_ZOO.md, or set "
             "MODEL.WEIGHTS '' to start from random weights)"
         )
+    if weights and "://" not in weights:
+        load_checkpoint_file(weights)  # a corrupt or unsafe file is named here, not in a worker's traceback
+
+
+def check_output_dir(output_dir, args):
+    """OUTPUT_DIR must be writable, and a finished run in it is never overwritten without --resume."""
+    os.makedirs(output_dir, exist_ok=True)  # an OSError names the folder
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"OUTPUT_DIR {output_dir} is not writable")
+    if not args.resume and not args.eval_only and os.path.isfile(os.path.join(output_dir, "model_final.pth")):
+        raise ConfigError(
+            f"OUTPUT_DIR {output_dir} holds a finished run (model_final.pth): pass --resume to continue it, or "
+            "set another OUTPUT_DIR (or remove that folder) to start over"
+        )
+
+
+def last_checkpoint(output_dir):
+    """The checkpoint that `--resume` loads: the file named by OUTPUT_DIR/last_checkpoint."""
+    tag = os.path.join(output_dir, "last_checkpoint")
+    try:
+        with open(tag, encoding="utf-8") as f:
+            name = f.read().strip()
+    except UnicodeDecodeError:
+        name = ""
+    path = os.path.join(output_dir, name)
+    if not name or not os.path.isfile(path):
+        raise ConfigError(f"{tag} does not name a checkpoint file in {output_dir}; remove it to start over")
+    return path
 
 
 def main(args):
@@ -86,7 +118,10 @@ def main(args):
 
 @command_line("train_net")
 def run(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.num_cpu_procs < 0 or args.num_gpus < 0:
+        parser.error("--num-cpu-procs and --num-gpus must be >= 0")
     check(args)
     launch(
         main,

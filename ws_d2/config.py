@@ -2,16 +2,21 @@
 
 import os
 
+import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .errors import ConfigError, one_line
 
-__all__ = ["add_ws_config", "get_ws_cfg", "load_config"]
+__all__ = ["add_ws_config", "check_device", "get_ws_cfg", "load_config"]
 
 
 def add_ws_config(cfg):
-    """Add ws_d2's keys to `cfg` in place (never to detectron2's global defaults)."""
+    """Add ws_d2's keys to `cfg` in place (never to detectron2's global defaults); a config that has them
+    already keeps its values."""
+    if "WS" in cfg.MODEL:
+        return cfg
     cfg.MODEL.WS = CN()
     # The documented GN-only switch: False builds every ws_d2 component with plain convs, so a GN+WS
     # config and its GN twin differ in this key alone (same parameters, same state_dict keys).
@@ -60,6 +65,7 @@ def load_config(config_file, opts=(), freeze=True):
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
+        _check_yaml_mapping(config_file)
         try:
             cfg.merge_from_file(config_file)
         except Exception as e:  # yaml syntax, unknown key, bad value: yacs raises many types
@@ -68,6 +74,42 @@ def load_config(config_file, opts=(), freeze=True):
         cfg.merge_from_list(list(opts))
     except Exception as e:
         raise ConfigError(f"config override: {one_line(e)}") from None
+    if cfg.MODEL.WS.EPS < 0:  # std + eps would cross zero: weights of +-inf or NaN
+        raise ConfigError(f"MODEL.WS.EPS must be >= 0, got {cfg.MODEL.WS.EPS}")
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_device(cfg):
+    """Refuse (ConfigError) a MODEL.DEVICE this machine does not have, rather than fail deep in torch or
+    run on another device without a word."""
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"MODEL.DEVICE is '{device}' but CUDA is not available here: pass MODEL.DEVICE cpu to run on the CPU"
+        )
+
+
+def _check_yaml_mapping(config_file):
+    """Refuse, naming the file, one that is not UTF-8 text, not YAML, empty or not a mapping of keys (yacs
+    would fail with a message that names neither the file nor the problem)."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_file}: not a UTF-8 text (YAML) file") from None
+    except yaml.constructor.ConstructorError:
+        return  # a python tag that detectron2's own loader may accept: left to it
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"{config_file}: YAML syntax error{where} ({getattr(e, 'problem', None) or e})"
+        ) from None
+    if content is None:
+        raise ConfigError(f"{config_file}: empty config file")
+    if not isinstance(content, dict):
+        raise ConfigError(
+            f"{config_file}: the top level is a {type(content).__name__}, not a mapping of config keys"
+        )

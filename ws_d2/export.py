@@ -38,8 +38,10 @@ from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGIS
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from .checkpoint import atomic_write
+from .checkpoint import WSCheckpointer, atomic_write
 from .errors import CheckpointError, ConfigError, one_line
+from .modeling import fold_ws
+from .outputs import refuse_output_onto_inputs
 from .predictor import WSPredictor
 
 __all__ = [
@@ -119,18 +121,25 @@ def export_stock_model(cfg, output_file):
         raise CheckpointError(f"{output_file}: the exported checkpoint must be a .pth file")
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
+    config_file = os.path.splitext(output_file)[0] + ".yaml"
+    if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise CheckpointError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}")
+    refuse_output_onto_inputs(output_file, [cfg.MODEL.WEIGHTS])
+    refuse_output_onto_inputs(config_file, [cfg.MODEL.WEIGHTS], option="exported config")
     stock_cfg = stock_config(cfg)
     on_cpu = cfg.clone()  # folding needs no GPU; the exported config keeps the user's MODEL.DEVICE
     on_cpu.defrost()
     on_cpu.MODEL.DEVICE = "cpu"
-    model = WSPredictor(on_cpu, fold=True).model
+    on_cpu.MODEL.WEIGHTS = ""  # loaded just below, refused unless they cover the whole model
+    model = WSPredictor(on_cpu).model
+    WSCheckpointer(model).load_covering(cfg.MODEL.WEIGHTS)
+    fold_ws(model)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
     os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
     with atomic_write(output_file) as f:
         torch.save({"model": state, "__author__": "ws_d2 export: WS folded into the conv weights"}, f)
     stock_cfg.MODEL.WEIGHTS = output_file
-    config_file = os.path.splitext(output_file)[0] + ".yaml"
     with atomic_write(config_file, "w") as f:
         f.write(stock_cfg.dump())
     return output_file, config_file

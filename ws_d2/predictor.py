@@ -11,6 +11,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import WSCheckpointer
+from .config import check_device
 from .errors import CheckpointError, ConfigError
 from .modeling import fold_ws
 
@@ -30,6 +31,7 @@ class WSPredictor(DefaultPredictor):
     def __init__(self, cfg, fold=False):
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ConfigError(f"INPUT.FORMAT={cfg.INPUT.FORMAT}: a predictor takes RGB or BGR input")
+        check_device(cfg)
         weights = cfg.MODEL.WEIGHTS
         # checked before building the model; fvcore would fail later with a bare assertion
         if weights and "://" not in weights and not os.path.isfile(weights):

@@ -127,3 +127,24 @@ class WSCheckpointer(DetectionCheckpointer):
         state_dict, report = convert_in_memory(data, source, self.config)
         self.logger.info(f"Converted {filename} in memory: {report.summary()}")
         return {"model": state_dict, "__author__": "ws_d2", "matching_heuristics": False}
+
+    def load_covering(self, path):
+        """``load(path)``, refusing (CheckpointError) a file that leaves any model tensor at its initial
+        value: missing from the file or of another shape (weights of another architecture)."""
+        if "://" not in path and not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        self._incompatible = None
+        checkpoint = self.load(path, checkpointables=[])
+        incompatible = self._incompatible
+        if incompatible is not None and incompatible.missing_keys:
+            missing = incompatible.missing_keys
+            raise CheckpointError(
+                f"{path} does not cover the model: {len(missing)} of {len(self.model.state_dict())} tensors "
+                f"missing or of another shape (e.g. {', '.join(missing[:3])}); wrong architecture or config?"
+            )
+        return checkpoint
+
+    def _load_model(self, checkpoint):
+        # kept for load_covering; fvcore only logs what did not load
+        self._incompatible = super()._load_model(checkpoint)
+        return self._incompatible

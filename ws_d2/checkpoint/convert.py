@@ -27,6 +27,7 @@ from fvcore.common.checkpoint import get_missing_parameters_message
 from ..config import load_config
 from ..errors import CheckpointError, ConfigError
 from ..model_zoo import get_config_file
+from ..outputs import refuse_output_onto_inputs
 from .checkpointer import atomic_write
 from .layouts import (
     BCN_RESNET_RULES,
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 SOURCES = ("authors", "authors_bcn", "mmdet", "torchvision")
+GN_WS_SOURCES = ("authors", "mmdet")
 
 
 @dataclasses.dataclass
@@ -73,6 +75,11 @@ class ConversionReport:
             lines += [
                 "    " + line for line in get_missing_parameters_message(self.not_converted).splitlines()[1:]
             ]
+        if self.source in GN_WS_SOURCES:  # GN-only and GN+WS ResNets have the same tensors
+            lines.append(
+                "  note: the layout cannot tell GN+WS weights from GN-only (non-WS) ones; a WS model needs "
+                "WS-pretrained weights, so convert only files published as GN+WS"
+            )
         return "\n".join(lines)
 
 
@@ -265,6 +272,7 @@ def convert_checkpoint(src, dst, source="auto", config_file=None):
         )
     if not os.fspath(dst).endswith((".pkl", ".pth")):
         raise CheckpointError(f"{dst}: the output must end in .pkl or .pth")
+    refuse_output_onto_inputs(dst, [src, config_file], option="DST")
     checkpoint = load_checkpoint_file(src)
     if source == "auto":
         if "model" in checkpoint and "__author__" in checkpoint:

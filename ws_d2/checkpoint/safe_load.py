@@ -126,7 +126,17 @@ def _load_torch(f, name):
         matches = (re.search(pattern, str(e)) for pattern in _TORCH_REFUSAL_PATTERNS)
         refused = next((m.group(1) for m in matches if m), "a global outside torch's weights-only allowlist")
         raise _refused(name, refused[:200]) from None
-    except (EOFError, RuntimeError, ValueError, TypeError, OSError) as e:
+    # a text or other non-checkpoint file fails inside torch's unpickler with KeyError or IndexError
+    except (
+        EOFError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        OSError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as e:
         raise _unreadable(name, "torch checkpoint", e) from None
 
 

@@ -22,6 +22,8 @@ def micro_batch_size(cfg, world_size):
     total, iter_size = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ITER_SIZE
     if iter_size < 1:
         raise ConfigError(f"SOLVER.ITER_SIZE must be >= 1, got {iter_size}")
+    if total < 1:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH must be >= 1, got {total}")
     if total % (world_size * iter_size):
         raise ConfigError(
             f"SOLVER.IMS_PER_BATCH {total} does not divide into {world_size} process(es) x SOLVER.ITER_SIZE "

@@ -168,6 +168,9 @@ def standardize_weight(
     Statistics are computed in float32 (or float64 for float64 weights) even under autocast, and the
     result has the weight's dtype.
     """
+    _check_standardizable(
+        weight.shape[1:].numel() if weight.dim() > 1 else 0, weight.dtype, tuple(weight.shape)
+    )
     with torch.autocast(device_type=weight.device.type, enabled=False):
         w_hat = _StandardizeWeight.apply(weight.to(_compute_dtype(weight)), eps, _check_formula(formula))
     return w_hat.to(weight.dtype)
@@ -191,6 +194,17 @@ def _weight_variant(weight, mode, eps, formula, gain=None, bias=None):
             w_hat = _StandardizeWeight.apply(flat, eps, formula)
             out = torch.addcmul(bias.to(flat.dtype)[:, None], w_hat, gain.to(flat.dtype)[:, None])
     return out.view_as(weight).to(weight.dtype)
+
+
+def _check_standardizable(filter_size, dtype, shape):
+    # each output channel's filter needs >= 2 elements: the unbiased std of one value divides by N-1 = 0
+    if filter_size < 2:
+        raise ConfigError(
+            f"cannot weight-standardize a weight of shape {shape}: each output channel's filter needs at least "
+            "2 elements (a conv weight O x I/groups x kH x kW; 1 input channel with a 1x1 kernel has 1)"
+        )
+    if not dtype.is_floating_point:
+        raise ConfigError(f"cannot weight-standardize a weight of dtype {dtype}: it must be floating point")
 
 
 def conv2d_arguments(conv: Conv2d) -> dict:
@@ -230,6 +244,7 @@ class WSConv2d(Conv2d):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        _check_standardizable(self.weight.shape[1:].numel(), self.weight.dtype, tuple(self.weight.shape))
         self.eps = eps
         self.formula = _check_formula(formula)
         self.mode = _check_mode(mode)
