@@ -25,11 +25,12 @@ def main(argv=None):
     cfg = ws_d2.load_config(argv[0], argv[1:])
     model = WSTrainer.build_model(cfg)
     WSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.train()
-            module.momentum = 0.0  # normalize by the batch; leave the running statistics as trained
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            # without running statistics BatchNorm normalizes by the batch's own, in eval mode too (the
+            # evaluation loop sets eval mode on the whole model, so train() here would be undone)
+            module.running_mean = module.running_var = None
+            module.track_running_stats = False
     with torch.no_grad():
         WSTrainer.test(cfg, model)
     return 0
