@@ -6,9 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 RESULT_KEYS = {"arm", "seed", "ims_per_step", "lr", "iterations", "bbox_AP", "segm_AP", "loss_auc",
                "loss_curve", "command", "machine", "wall_time_s", "diverged"}  # fmt: skip
@@ -137,3 +139,23 @@ def test_full_study_plans_its_phases_from_results(project):
     two_images = {("GN+WS", 2, 0.08), ("BN", 2, 0.02)}  # twice each arm's best LR
     assert last == ablations | two_images
     assert len(phase3) == len(set(phase3)) == 45 + 6 + 12 + 6
+
+
+def test_bn_batch_statistics_survive_eval_mode(project):
+    """BN's train/eval gap needs BatchNorm to use the test image's statistics although evaluation calls eval()."""
+    sys.path.insert(0, str(Path(project.arms.__file__).parent))
+    try:
+        use_batch_statistics = importlib.import_module("eval_batch_statistics").use_batch_statistics
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("eval_batch_statistics", None)
+    bn = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():  # running statistics far from any batch's
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(100.0)
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    model = use_batch_statistics(torch.nn.Sequential(bn)).eval()
+    expected = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / (
+        x.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+    ).sqrt()
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
