@@ -220,8 +220,9 @@ class WSConv2d(Conv2d):
 
     Same constructor (plus `eps`, `formula`, one of WS_FORMULAS, and `mode`, one of WS_MODES), same
     parameters and state_dict keys as Conv2d in the default mode: checkpoints store the raw weight and WS is
-    applied on every forward. The "standardize_affine" and "weight_norm" modes add `ws_gain` (and `ws_bias`). In training, WS runs inside the conv's autograd
-    node so that only the raw weight is kept for backward (no extra weight-sized memory).
+    applied on every forward. The "standardize_affine" and "weight_norm" modes add `ws_gain` (and `ws_bias`).
+    In training, WS runs inside the conv's autograd node so that only the raw weight is kept for backward (no
+    extra weight-sized memory).
 
     When no gradient is needed for the weight (eval under no_grad, or a frozen stage), the per-filter
     statistics (mean and 1 / (std + eps): the two reductions, most of the cost of WS) are computed once
@@ -249,12 +250,13 @@ class WSConv2d(Conv2d):
         self.formula = _check_formula(formula)
         self.mode = _check_mode(mode)
         self._ws_statistics = None
-        weight = self.weight
-        for name in _MODE_PARAMETERS.get(mode, ()):
-            # gain 1, bias 0: "standardize_affine" starts as plain WS
+        self._init_mode_parameters(self.weight.device, self.weight.dtype)
+
+    def _init_mode_parameters(self, device, dtype):
+        # gain 1, bias 0: "standardize_affine" starts as plain WS
+        for name in _MODE_PARAMETERS.get(self.mode, ()):
             init = torch.ones if name == "ws_gain" else torch.zeros
-            value = init(self.out_channels, device=weight.device, dtype=weight.dtype)
-            self.register_parameter(name, torch.nn.Parameter(value))
+            setattr(self, name, torch.nn.Parameter(init(self.out_channels, device=device, dtype=dtype)))
 
     @classmethod
     def from_conv2d(
@@ -266,12 +268,7 @@ class WSConv2d(Conv2d):
         ws = cls(**conv2d_arguments(conv), eps=eps, formula=formula, mode=mode, device="meta")
         ws.weight = conv.weight
         ws.bias = conv.bias
-        for name in _MODE_PARAMETERS.get(mode, ()):
-            value = getattr(ws, name)
-            fresh = torch.ones_like if name == "ws_gain" else torch.zeros_like
-            setattr(
-                ws, name, torch.nn.Parameter(fresh(value, device=conv.weight.device, dtype=conv.weight.dtype))
-            )
+        ws._init_mode_parameters(conv.weight.device, conv.weight.dtype)
         ws.train(conv.training)
         return ws
 
