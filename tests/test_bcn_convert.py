@@ -1,14 +1,16 @@
 """The authors' BCN+WS ImageNet layout (rn50_bcn_ws.pth, ...) through tools/convert_pretrained.py.
 
-The synthetic files come from a reference BCN+WS ResNet written here from the equations, in the authors' key
-layout: torchvision's ResNet whose norms are BCNorm modules (a per-group affine `weight`/`bias` of shape
-(1, 32, 1) and a BatchNorm2d child `pbn`) and whose convs standardize as the BCN+WS release does,
-(W - mean) / sqrt(unbiased var + 1e-5). Values are random, so a tensor landing in the wrong place shows.
+The synthetic files come from a reference BCN+WS ResNet written from the equations (checkpoint_files.py),
+in the authors' key layout: torchvision's ResNet whose norms are BCNorm modules (a per-group affine
+`weight`/`bias` of shape (1, 32, 1) and a BatchNorm2d child `pbn`) and whose convs standardize as the BCN+WS
+release does, (W - mean) / sqrt(unbiased var + 1e-5). Values are random, so a tensor landing in the wrong place
+shows.
 """
 
 import pytest
 import torch
 import torchvision
+from checkpoint_files import ReferenceBCNorm, bcn_ws_resnet, save_authors_file
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -21,56 +23,6 @@ BCN_CONFIG = "configs/COCO-InstanceSegmentation/mask_rcnn_{}_FPN_bcn_ws_2x.yaml"
 ARCHS = {"resnet50": "R_50", "resnext50_32x4d": "X_50_32x4d", "resnet101": "R_101"}
 
 
-class ReferenceBCNorm(nn.Module):
-    """BCN from its equations: BatchNorm2d (running statistics in eval), group normalization without affine
-    (biased variance, eps inside the root), per-group affine."""
-
-    def __init__(self, channels, groups=32, eps=1e-5):
-        super().__init__()
-        self.groups, self.eps = groups, eps
-        self.weight = nn.Parameter(torch.ones(1, groups, 1))
-        self.bias = nn.Parameter(torch.zeros(1, groups, 1))
-        self.pbn = nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        y = self.pbn(x).reshape(x.shape[0], self.groups, -1)
-        mean = y.mean(-1, keepdim=True)
-        var = ((y - mean) ** 2).mean(-1, keepdim=True)
-        y = (y - mean) / torch.sqrt(var + self.eps)
-        return (y * self.weight + self.bias).reshape(x.shape)
-
-
-class ReferenceBCNWSConv2d(nn.Conv2d):
-    def forward(self, x):
-        w = self.weight.flatten(1)
-        w = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, keepdim=True) + 1e-5)
-        return self._conv_forward(x, w.view_as(self.weight), self.bias)
-
-
-def _reference_resnet(arch):
-    resnet = getattr(torchvision.models, arch)(norm_layer=ReferenceBCNorm)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in resnet.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
-            elif name.endswith("conv1.weight") or ".conv" in name or "downsample.0" in name:
-                t.copy_(
-                    torch.randn(t.shape, generator=generator) * 0.05
-                )  # conv weights: their scale matters not
-            else:
-                t.copy_(
-                    torch.randn(t.shape, generator=generator) * 0.3
-                    + (1.0 if name.endswith("weight") else 0.0)
-                )
-    for module in resnet.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = ReferenceBCNWSConv2d
-    return resnet
-
-
 def _reference_features(resnet, x):
     x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
     features = {}
@@ -79,21 +31,16 @@ def _reference_features(resnet, x):
     return features
 
 
-def _save_authors_file(resnet, path):
-    torch.save({"module." + k: v for k, v in resnet.state_dict().items()}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def authors_r50(tmp_path_factory):
-    resnet = _reference_resnet("resnet50")
-    return resnet, _save_authors_file(resnet, tmp_path_factory.mktemp("bcn") / "rn50_bcn_ws.pth")
+    resnet = bcn_ws_resnet("resnet50")
+    return resnet, save_authors_file(resnet, tmp_path_factory.mktemp("bcn") / "rn50_bcn_ws.pth")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_authors_bcn_model_gives_reference_features(tmp_path, repo_root, arch, converted_backbone_features):
-    resnet = _reference_resnet(arch)
-    src = _save_authors_file(resnet, tmp_path / f"{arch}_bcn_ws.pth")
+    resnet = bcn_ws_resnet(arch)
+    src = save_authors_file(resnet, tmp_path / f"{arch}_bcn_ws.pth")
     state = torch.load(src)
     assert detect_layout(state) == "authors_bcn"
     norms = sum(isinstance(m, ReferenceBCNorm) for m in resnet.modules())

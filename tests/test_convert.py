@@ -1,11 +1,10 @@
 """tools/convert_pretrained.py and ws_d2.checkpoint.convert on synthetic checkpoints in each published layout.
 
-The synthetic files are built from the documented key patterns (docs/CONVERSION.md): torchvision's ResNet with
-GroupNorm(32) gives the authors' exact names (bn*, downsample.0/1, fc) and shapes; MMDetection's neck and
-heads are listed below with their documented shapes. Values are random.
+The synthetic files (checkpoint_files.py) are built from the documented key patterns (docs/CONVERSION.md):
+torchvision's ResNet with GroupNorm(32) gives the authors' exact names (bn*, downsample.0/1, fc) and shapes;
+MMDetection's neck and heads have their documented shapes. Values are random.
 """
 
-import os
 import pickle
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from checkpoint_files import RunsShellCommand, gn_resnet, mmdet_neck_and_heads, random_
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -30,21 +30,6 @@ from ws_d2.errors import CheckpointError, UnsafeCheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FASTER_R50 = str(CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_gn_ws_1x.yaml")
-
-
-def _random_(module):
-    """Random values everywhere (GN affine too), so a tensor landing in the wrong place shows."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.state_dict().values():
-            if p.is_floating_point():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
-    return module
-
-
-def _gn_resnet(arch):
-    """The authors' ImageNet GN+WS architecture: torchvision's ResNet with GroupNorm(32) named bn*."""
-    return _random_(getattr(torchvision.models, arch)(norm_layer=lambda channels: nn.GroupNorm(32, channels)))
 
 
 class ReferenceWSConv2d(nn.Conv2d):
@@ -77,12 +62,12 @@ def _build(config_file, **overrides):
 
 @pytest.fixture(scope="module")
 def authors_r50():
-    return {"module." + k: v for k, v in _gn_resnet("resnet50").state_dict().items()}
+    return {"module." + k: v for k, v in gn_resnet("resnet50").state_dict().items()}
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
 def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch, converted_backbone_features):
-    resnet = _gn_resnet(arch)
+    resnet = gn_resnet(arch)
     src = tmp_path / f"{arch}-GN-WS.pth.tar"
     torch.save(
         {"module." + k: v for k, v in resnet.state_dict().items()}, src, _use_new_zipfile_serialization=False
@@ -160,52 +145,12 @@ def test_wrong_architecture_is_refused(authors_r50):
         convert_authors_checkpoint(truncated)
 
 
-# MMDetection's FPN, RPN and 4conv1fc / 4conv mask heads, as documented (docs/CONVERSION.md), for a ResNet-50.
-def _mmdet_neck_and_heads(mask=True):
-    shapes = {}
-    for i, in_channels in enumerate([256, 512, 1024, 2048]):
-        shapes[f"neck.lateral_convs.{i}.conv.weight"] = (256, in_channels, 1, 1)
-        shapes[f"neck.fpn_convs.{i}.conv.weight"] = (256, 256, 3, 3)
-        for conv in ("lateral_convs", "fpn_convs"):
-            shapes[f"neck.{conv}.{i}.gn.weight"] = shapes[f"neck.{conv}.{i}.gn.bias"] = (256,)
-    for name, out_channels, k in [("rpn_conv", 256, 3), ("rpn_cls", 3, 1), ("rpn_reg", 12, 1)]:
-        shapes[f"rpn_head.{name}.weight"], shapes[f"rpn_head.{name}.bias"] = (
-            (out_channels, 256, k, k),
-            (out_channels,),
-        )
-    heads = {"bbox_head": "shared_convs", "mask_head": "convs"} if mask else {"bbox_head": "shared_convs"}
-    for head, convs in heads.items():
-        for i in range(4):
-            shapes[f"roi_head.{head}.{convs}.{i}.conv.weight"] = (256, 256, 3, 3)
-            shapes[f"roi_head.{head}.{convs}.{i}.gn.weight"] = shapes[
-                f"roi_head.{head}.{convs}.{i}.gn.bias"
-            ] = (256,)
-    for name, shape in [
-        ("shared_fcs.0", (1024, 256 * 7 * 7)),
-        ("fc_cls", (81, 1024)),
-        ("fc_reg", (320, 1024)),
-    ]:
-        shapes[f"roi_head.bbox_head.{name}.weight"], shapes[f"roi_head.bbox_head.{name}.bias"] = (
-            shape,
-            shape[:1],
-        )
-    if mask:
-        shapes["roi_head.mask_head.upsample.weight"], shapes["roi_head.mask_head.upsample.bias"] = (
-            (256, 256, 2, 2),
-            (256,),
-        )
-        shapes["roi_head.mask_head.conv_logits.weight"] = (80, 256, 1, 1)
-        shapes["roi_head.mask_head.conv_logits.bias"] = (80,)
-    generator = torch.Generator().manual_seed(2)
-    return {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
-
-
 @pytest.fixture(scope="module")
 def mmdet_mask_r50(authors_r50):
     backbone = {"backbone." + k[len("module.") :].replace("bn", "gn"): v for k, v in authors_r50.items()}
     backbone = {k: v for k, v in backbone.items() if ".fc." not in k}
     meta = {"mmdet_version": "2.18.0", "CLASSES": ("person",) * 80, "epoch": 24}
-    return {"meta": meta, "state_dict": {**backbone, **_mmdet_neck_and_heads(mask=True)}}
+    return {"meta": meta, "state_dict": {**backbone, **mmdet_neck_and_heads(mask=True)}}
 
 
 def test_mmdet_detector_becomes_full_model(tmp_path, repo_root, mmdet_mask_r50):
@@ -273,7 +218,7 @@ def _write_config(tmp_path, repo_root, name, **resnets):
 
 
 def test_torchvision_batchnorm_resnet(tmp_path, repo_root):
-    resnet = _random_(torchvision.models.resnet18())
+    resnet = random_(torchvision.models.resnet18())
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
     gn_config = _write_config(tmp_path, repo_root, "r18_gn.yaml")
     with pytest.raises(CheckpointError, match="no GroupNorm counterpart"):
@@ -337,17 +282,9 @@ def test_cli_exit_codes_and_messages(tmp_path, capsys, authors_r50, load_tool):
     assert not (tmp_path / "x.pkl").exists()
 
 
-class _RunsShellCommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_cli_refuses_crafted_and_truncated_files(tmp_path, repo_root, capsys, load_tool):
     marker = tmp_path / "was_executed"
-    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"conv1.weight": _RunsShellCommand(marker)}, protocol=2))
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"conv1.weight": RunsShellCommand(marker)}, protocol=2))
     # the real command line: exit status 1 and a one-line message, nothing executed
     run = subprocess.run(
         [

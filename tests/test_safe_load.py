@@ -9,20 +9,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+from checkpoint_files import RunsShellCommand
 from detectron2.checkpoint import detection_checkpoint
 
 from ws_d2.checkpoint import WSCheckpointer, load_checkpoint_file
 from ws_d2.errors import CheckpointError, UnsafeCheckpointError
-
-
-class _RunsShellCommand:
-    """Pickles as a call to os.system: loading it unrestricted would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def _arrays():
@@ -85,11 +76,11 @@ def test_pth_with_numpy_values_reads(tmp_path):
 def test_crafted_file_is_refused_and_runs_nothing(tmp_path, suffix):
     marker = tmp_path / "was_executed"
     path = tmp_path / f"evil{suffix}"
-    payload = {"model": {"w": np.zeros(2)}, "x": _RunsShellCommand(marker)}
+    payload = {"model": {"w": np.zeros(2)}, "x": RunsShellCommand(marker)}
     if suffix == ".pkl":
         path.write_bytes(pickle.dumps(payload, protocol=2))
     else:
-        torch.save({"model": {"w": torch.zeros(2)}, "x": _RunsShellCommand(marker)}, path)
+        torch.save({"model": {"w": torch.zeros(2)}, "x": RunsShellCommand(marker)}, path)
     with pytest.raises(UnsafeCheckpointError) as info:
         load_checkpoint_file(path)
     message = str(info.value)

@@ -14,9 +14,14 @@ from collections import Counter
 
 import pytest
 import torch
+from checkpoint_files import (
+    RunsShellCommand,
+    bcn_ws_resnet,
+    gn_resnet,
+    mmdet_neck_and_heads,
+    save_authors_file,
+)
 from detectron2.modeling import build_model
-from test_bcn_convert import _reference_resnet, _save_authors_file
-from test_convert import _gn_resnet, _mmdet_neck_and_heads, _RunsShellCommand
 
 import ws_d2
 from ws_d2 import model_zoo
@@ -83,12 +88,10 @@ def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(
     tmp_path, repo_root, server, monkeypatch
 ):
     running, served, cache = server
-    backbone = {
-        f"backbone.{k.replace('bn', 'gn')}": v for k, v in _gn_resnet("resnet50").state_dict().items()
-    }
+    backbone = {f"backbone.{k.replace('bn', 'gn')}": v for k, v in gn_resnet("resnet50").state_dict().items()}
     state_dict = {
         **{k: v for k, v in backbone.items() if ".fc." not in k},
-        **_mmdet_neck_and_heads(mask=True),
+        **mmdet_neck_and_heads(mask=True),
     }
     torch.save({"meta": {"epoch": 24}, "state_dict": state_dict}, served / "mask_r50.pth")
     cfg = _cfg(repo_root, MASK_R50)
@@ -127,9 +130,9 @@ def test_imagenet_and_detectron2_files_by_url(tmp_path, repo_root, server, layou
     running, served, _ = server
     name = f"{layout}.pth"
     if layout == "authors":
-        torch.save({"module." + k: v for k, v in _gn_resnet("resnet50").state_dict().items()}, served / name)
+        torch.save({"module." + k: v for k, v in gn_resnet("resnet50").state_dict().items()}, served / name)
     elif layout == "authors_bcn":
-        _save_authors_file(_reference_resnet("resnet50"), served / name)
+        save_authors_file(bcn_ws_resnet("resnet50"), served / name)
     else:  # a detectron2 checkpoint, as WSCheckpointer saves it
         WSCheckpointer(build_model(_cfg(repo_root, config)), str(served)).save(layout)
     cfg = _cfg(repo_root, config)
@@ -148,11 +151,11 @@ def test_truncated_and_malicious_downloads_are_refused_and_evicted(tmp_path, rep
     running, served, cache = server
     model = build_model(_cfg(repo_root, MASK_R50))
     torch.save(
-        {"module." + k: v for k, v in _gn_resnet("resnet50").state_dict().items()}, tmp_path / "full.pth"
+        {"module." + k: v for k, v in gn_resnet("resnet50").state_dict().items()}, tmp_path / "full.pth"
     )
     (served / "truncated.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:50_000])
     marker = tmp_path / "was_executed"
-    (served / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": _RunsShellCommand(marker)}))
+    (served / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": RunsShellCommand(marker)}))
 
     for name, error_type, words in [
         ("truncated.pth", CheckpointError, "truncated or corrupt"),
