@@ -81,6 +81,7 @@ def data_loss_cases(tmp_path, tiny_config):
     video.write_bytes(b"not really a video, but the user's file")
     weights = tmp_path / "m.pth"
     weights.write_bytes(b"a trained checkpoint")
+    (tmp_path / "model.onnx").write_bytes(b"a trained checkpoint, named as the ONNX export is")
     config = tmp_path / "cfg.yaml"
     config.write_text(open(tiny_config).read())
     demo = ["--config-file", tiny_config]
@@ -93,6 +94,7 @@ def data_loss_cases(tmp_path, tiny_config):
         "demo video onto itself": ("demo", [*demo, "--video-input", str(video), "--output", str(video)], [str(video)]),
         "convert onto its source": ("convert_pretrained", [str(weights), str(weights)], [str(weights)]),
         "export onto its weights": ("export_model", ["--config-file", tiny_config, "--output", str(weights), "--opts", "MODEL.WEIGHTS", str(weights)], [str(weights)]),
+        "onnx export onto its weights": ("export_model", ["--config-file", tiny_config, "--format", "onnx", "--output", str(tmp_path), "--opts", "MODEL.WEIGHTS", str(tmp_path / "model.onnx")], [str(tmp_path / "model.onnx")]),
         "export's yaml onto its config": ("export_model", ["--config-file", str(config), "--output", str(tmp_path / "cfg.pth"), "--opts", "MODEL.WEIGHTS", str(weights)], [str(config)]),
     }  # fmt: skip
 
@@ -106,6 +108,7 @@ DATA_LOSS = [
     "demo video onto itself",
     "convert onto its source",
     "export onto its weights",
+    "onnx export onto its weights",
     "export's yaml onto its config",
 ]
 
@@ -353,18 +356,19 @@ def test_demo_reads_16_bit_png_scaled_to_8_bit(tools, tmp_path):
     assert bgr[0, :, 0].tolist() == [0, 64, 128, 255] and (bgr == bgr[:, :, :1]).all()
 
 
-def test_export_refuses_weights_that_do_not_cover_the_model(tools, tmp_path, tiny_config, tiny_cfg, capsys):
+@pytest.mark.parametrize("fmt, output", [("weights", "m.pth"), ("torchscript", ""), ("onnx", "")])
+def test_export_refuses_weights_that_do_not_cover_the_model(fmt, output, tools, tmp_path, tiny_config, tiny_cfg, capsys):  # fmt: skip
     from detectron2.modeling import build_model
 
     state = build_model(tiny_cfg()).state_dict()
     partial = {k: v for k, v in state.items() if not k.startswith("roi_heads.mask_head.")}
     weights = tmp_path / "other_architecture.pth"
     torch.save({"model": partial}, weights)
-    argv = ["--config-file", tiny_config, "--output", str(tmp_path / "export" / "m.pth")]
+    argv = ["--config-file", tiny_config, "--format", fmt, "--output", str(tmp_path / "export" / output)]
     status, err = run(tools["export_model"], [*argv, "--opts", "MODEL.WEIGHTS", str(weights)], capsys)
     line = assert_one_line_error(status, err, weights, "does not cover the model")
     assert f"{len(state) - len(partial)} of {len(state)} tensors" in line
-    assert not (tmp_path / "export" / "m.pth").exists()
+    assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())
 
 
 def test_converter_says_ws_needs_ws_pretrained_weights():

@@ -130,10 +130,7 @@ def export_stock_model(cfg, output_file):
     on_cpu = cfg.clone()  # folding needs no GPU; the exported config keeps the user's MODEL.DEVICE
     on_cpu.defrost()
     on_cpu.MODEL.DEVICE = "cpu"
-    on_cpu.MODEL.WEIGHTS = ""  # loaded just below, refused unless they cover the whole model
-    model = WSPredictor(on_cpu).model
-    WSCheckpointer(model).load_covering(cfg.MODEL.WEIGHTS)
-    fold_ws(model)
+    model = trained_folded_model(on_cpu)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
     os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
@@ -143,6 +140,18 @@ def export_stock_model(cfg, output_file):
     with atomic_write(config_file, "w") as f:
         f.write(stock_cfg.dump())
     return output_file, config_file
+
+
+def trained_folded_model(cfg):
+    """The model of `cfg` in eval mode with cfg.MODEL.WEIGHTS (read safely), refused (CheckpointError) unless
+    they cover every tensor of it, and WS folded: an export must not carry initial values silently."""
+    untrained = cfg.clone()
+    untrained.defrost()
+    untrained.MODEL.WEIGHTS = ""
+    model = WSPredictor(untrained).model
+    WSCheckpointer(model, config=cfg).load_covering(cfg.MODEL.WEIGHTS)
+    fold_ws(model)
+    return model
 
 
 def _comes_from_ws_d2(component):
@@ -205,14 +214,15 @@ def export_deployable(cfg, output_dir, fmt, image=None):
         raise ConfigError(f"export format {fmt!r}: not one of {', '.join(DEPLOY_FILES)}")
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
-    model = WSPredictor(cfg, fold=True).model
+    path = os.path.join(output_dir, DEPLOY_FILES[fmt])
+    refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
+    model = trained_folded_model(cfg)
     check_deployable(model, cfg)
     resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
     adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),
                              deployable_inference)  # fmt: skip
     output_names = list(DEPLOYED_OUTPUTS[: 4 if cfg.MODEL.MASK_ON else 3])
     info = json.dumps(deployment_info(cfg, output_names))
-    path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     os.makedirs(output_dir, exist_ok=True)
     with _tracing_quietly():
         if fmt == "torchscript":
