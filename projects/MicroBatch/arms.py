@@ -50,6 +50,11 @@ class Cell:
     ims_per_step: int
     lr: float
 
+    @classmethod
+    def of(cls, entry):
+        """The cell of a results.json entry."""
+        return cls(entry["arm"], entry["seed"], entry["ims_per_step"], entry["lr"])
+
     @property
     def name(self):
         slug = re.sub(r"[^a-z0-9]+", "_", self.arm.lower()).strip("_")
@@ -108,6 +113,5 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
 
 def _finished(results, cells):
     """The results of `cells`, or None while any of them has none."""
-    names = {c.name for c in cells}
-    done = {Cell(r["arm"], r["seed"], r["ims_per_step"], r["lr"]).name: r for r in results}
-    return [done[name] for name in sorted(names)] if names <= done.keys() else None
+    done = {Cell.of(r): r for r in results}
+    return [done[c] for c in sorted(set(cells))] if set(cells) <= done.keys() else None

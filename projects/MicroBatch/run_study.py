@@ -59,7 +59,7 @@ def get_parser():
 
 def merge(previous, entries):
     """One entry per cell (the newer one), in the arms' order."""
-    merged = {key(r): r for r in [*previous, *entries]}
+    merged = {arms.Cell.of(r): r for r in [*previous, *entries]}
     return sorted(merged.values(), key=lambda r: (list(arms.ARMS).index(r["arm"]), r["ims_per_step"], r["lr"], r["seed"]))  # fmt: skip
 
 
@@ -123,13 +123,11 @@ def run_cells(study, cells, jobs, recorded=(), results_file=None):
     """Run `cells`, `jobs` at once, and return their entries. A cell in `recorded` (results.json) or finished
     on disk is not run again. Each new entry is added to `results_file` at once, so a killed study loses
     nothing it finished, and another machine or session can continue from the committed results.json."""
-    recorded = {key(r): r for r in recorded}
-    todo = [
-        c for c in cells if key(c) not in recorded and not runs.is_finished(runs.run_dir(study.output, c))
-    ]
+    recorded = {arms.Cell.of(r): r for r in recorded}
+    todo = [c for c in cells if c not in recorded and not runs.is_finished(runs.run_dir(study.output, c))]
     print(f"[study] {len(cells)} runs: {len(cells) - len(todo)} finished, {len(todo)} to run, {jobs} at once, "
           f"{study.threads} thread(s) each", flush=True)  # fmt: skip
-    entries = {c: recorded[key(c)] for c in cells if key(c) in recorded}
+    entries = {c: recorded[c] for c in cells if c in recorded}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(study.run, cell): cell for cell in cells if cell not in entries}
         for future in as_completed(futures):
@@ -142,13 +140,6 @@ def run_cells(study, cells, jobs, recorded=(), results_file=None):
                 state = "DIVERGED" if entry["diverged"] else f"box AP {entry['bbox_AP']:.1f}, mask AP {entry['segm_AP']:.1f}"  # fmt: skip
                 print(f"[study] {len(entries)}/{len(cells)} {cell.name}: {state} ({wall:.0f} s)", flush=True)
     return [entries[c] for c in sorted(entries)]
-
-
-def key(entry_or_cell):
-    """(arm, seed, images per step, LR) of a results.json entry or a Cell."""
-    if isinstance(entry_or_cell, arms.Cell):
-        return (entry_or_cell.arm, entry_or_cell.seed, entry_or_cell.ims_per_step, entry_or_cell.lr)
-    return (entry_or_cell["arm"], entry_or_cell["seed"], entry_or_cell["ims_per_step"], entry_or_cell["lr"])
 
 
 def save_results(path, results):
@@ -169,7 +160,7 @@ def rerun(args, study, results_file):
             f"{runs.run_dir(study.output, cell)} already holds this run; choose an empty --output"
         )
     results = load_results(results_file)
-    recorded = next((r for r in results if key(r) == key(cell)), None)
+    recorded = next((r for r in results if arms.Cell.of(r) == cell), None)
     if recorded and not args.threads and (recorded.get("machine") or {}).get("threads"):
         study.threads = recorded["machine"]["threads"]
     study.prepare_data(args.quick)
