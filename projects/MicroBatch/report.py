@@ -144,7 +144,7 @@ def write_report(results, directory):
     ax.legend(fontsize=8)
     save(fig, "loss_curves.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, key, label in zip(axes, ("bbox_AP", "segm_AP"), ("box AP", "mask AP")):
         for x, arm in enumerate(arms):
             values = [
@@ -156,7 +156,8 @@ def write_report(results, directory):
                 x, s["mean"], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]], color="k", capsize=4
             )
             ax.scatter([x] * len(values), values, color="k", s=10, zorder=3)
-        ax.set_xticks(range(len(arms)), [f"{a}\nLR {best[a]:g}" for a in arms], fontsize=7)
+        labels = [f"{a} (LR {best[a]:g})" for a in arms]
+        ax.set_xticks(range(len(arms)), labels, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
         ax.set(ylabel=label)
     fig.suptitle(PLOTS["ap_bars.png"], fontsize=9)
     save(fig, "ap_bars.png")
@@ -176,6 +177,9 @@ def write_report(results, directory):
         ylabel="box AP",
         title=PLOTS["lr_sensitivity.png"],
     )
+    lrs = sorted({r["lr"] for r in results if r["arm"] in MAIN_ARMS and r["ims_per_step"] == 1})
+    ax.minorticks_off()  # the log axis's own minor labels (3x10^-3 ...) overlap; the grid's LRs are the ticks
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     save(fig, "lr_sensitivity.png")
@@ -196,7 +200,7 @@ def write_report(results, directory):
                     label=arm)  # fmt: skip
     ax.set(xlabel="images per step", ylabel="box AP", title=PLOTS["ap_vs_ims.png"])
     ax.title.set_fontsize(9)
-    ax.set_xticks([1, 2])
+    ax.set_xticks(sorted({r["ims_per_step"] for r in results}))
     ax.legend(fontsize=8)
     save(fig, "ap_vs_ims.png")
     return written
