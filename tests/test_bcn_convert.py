@@ -9,10 +9,8 @@ shows.
 
 import pytest
 import torch
-import torchvision
-from checkpoint_files import ReferenceBCNorm, bcn_ws_resnet, save_authors_file
+from checkpoint_files import ReferenceBCNorm, bcn_ws_resnet, gn_resnet, save_authors_file
 from detectron2.modeling import build_model
-from torch import nn
 
 import ws_d2
 from ws_d2.checkpoint import convert_checkpoint
@@ -94,9 +92,7 @@ def test_refusals_name_the_problem(tmp_path, repo_root, authors_r50):
     with pytest.raises(CheckpointError, match="sqrt_var_plus_eps"):
         convert_checkpoint(src, tmp_path / "x.pkl", config_file=str(std_config))
     # a GN+WS file for a BCN config
-    gn_file = tmp_path / "gn.pth"
-    gn_resnet = torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(32, c))
-    torch.save({"module." + k: v for k, v in gn_resnet.state_dict().items()}, gn_file)
+    gn_file = save_authors_file(gn_resnet("resnet50"), tmp_path / "gn.pth")
     with pytest.raises(CheckpointError, match="GN\\+WS norms .*MODEL.BCN.ENABLED True"):
         convert_checkpoint(
             gn_file,

@@ -130,7 +130,7 @@ def test_imagenet_and_detectron2_files_by_url(tmp_path, repo_root, server, layou
     running, served, _ = server
     name = f"{layout}.pth"
     if layout == "authors":
-        torch.save({"module." + k: v for k, v in gn_resnet("resnet50").state_dict().items()}, served / name)
+        save_authors_file(gn_resnet("resnet50"), served / name)
     elif layout == "authors_bcn":
         save_authors_file(bcn_ws_resnet("resnet50"), served / name)
     else:  # a detectron2 checkpoint, as WSCheckpointer saves it
@@ -150,10 +150,8 @@ def test_imagenet_and_detectron2_files_by_url(tmp_path, repo_root, server, layou
 def test_truncated_and_malicious_downloads_are_refused_and_evicted(tmp_path, repo_root, server):
     running, served, cache = server
     model = build_model(_cfg(repo_root, MASK_R50))
-    torch.save(
-        {"module." + k: v for k, v in gn_resnet("resnet50").state_dict().items()}, tmp_path / "full.pth"
-    )
-    (served / "truncated.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:50_000])
+    full = save_authors_file(gn_resnet("resnet50"), tmp_path / "full.pth")
+    (served / "truncated.pth").write_bytes(full.read_bytes()[:50_000])
     marker = tmp_path / "was_executed"
     (served / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": RunsShellCommand(marker)}))
 
@@ -170,7 +168,7 @@ def test_truncated_and_malicious_downloads_are_refused_and_evicted(tmp_path, rep
     assert not marker.exists()
 
     # announced in full but cut short in transit: refused by the download itself, nothing left in the cache
-    (served / "full.pth").write_bytes((tmp_path / "full.pth").read_bytes())
+    (served / "full.pth").write_bytes(full.read_bytes())
     url = f"{running.url}/cut/full.pth"
     with pytest.raises(CheckpointError, match="cannot download") as refused:
         WSCheckpointer(model).load(url)
