@@ -38,9 +38,8 @@ from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGIS
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from detectron2.structures import Boxes, Instances
 
-from .checkpoint import WSCheckpointer, atomic_write
+from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, one_line
-from .modeling import fold_ws
 from .outputs import refuse_output_onto_inputs
 from .predictor import WSPredictor
 
@@ -130,7 +129,7 @@ def export_stock_model(cfg, output_file):
     on_cpu = cfg.clone()  # folding needs no GPU; the exported config keeps the user's MODEL.DEVICE
     on_cpu.defrost()
     on_cpu.MODEL.DEVICE = "cpu"
-    model = trained_folded_model(on_cpu)
+    model = WSPredictor(on_cpu, fold=True, covering=True).model
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
     os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
@@ -140,18 +139,6 @@ def export_stock_model(cfg, output_file):
     with atomic_write(config_file, "w") as f:
         f.write(stock_cfg.dump())
     return output_file, config_file
-
-
-def trained_folded_model(cfg):
-    """The model of `cfg` in eval mode with cfg.MODEL.WEIGHTS (read safely), refused (CheckpointError) unless
-    they cover every tensor of it, and WS folded: an export must not carry initial values silently."""
-    untrained = cfg.clone()
-    untrained.defrost()
-    untrained.MODEL.WEIGHTS = ""
-    model = WSPredictor(untrained).model
-    WSCheckpointer(model, config=cfg).load_covering(cfg.MODEL.WEIGHTS)
-    fold_ws(model)
-    return model
 
 
 def _comes_from_ws_d2(component):
@@ -216,7 +203,7 @@ def export_deployable(cfg, output_dir, fmt, image=None):
         raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
-    model = trained_folded_model(cfg)
+    model = WSPredictor(cfg, fold=True, covering=True).model  # an export must not carry initial values
     check_deployable(model, cfg)
     resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
     adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),

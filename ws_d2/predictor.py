@@ -25,10 +25,11 @@ class WSPredictor(DefaultPredictor):
     (resized to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST and fed in INPUT.FORMAT). DefaultPredictor's own
     constructor is not used: it would load MODEL.WEIGHTS with DetectionCheckpointer, which unpickles
     files without restriction. `fold=True` replaces every WS conv by a plain conv holding its
-    standardized weight: the outputs are the same.
+    standardized weight: the outputs are the same. `covering=True` refuses (CheckpointError) weights
+    that leave any model tensor at its initial value, as an export must.
     """
 
-    def __init__(self, cfg, fold=False):
+    def __init__(self, cfg, fold=False, covering=False):
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ConfigError(f"INPUT.FORMAT={cfg.INPUT.FORMAT}: a predictor takes RGB or BGR input")
         check_device(cfg)
@@ -39,7 +40,11 @@ class WSPredictor(DefaultPredictor):
         self.cfg = cfg.clone()  # the model may change its config
         self.model = build_model(self.cfg).eval()
         if weights:
-            WSCheckpointer(self.model, config=self.cfg).load(weights)
+            checkpointer = WSCheckpointer(self.model, config=self.cfg)
+            if covering:
+                checkpointer.load_covering(weights)
+            else:
+                checkpointer.load(weights)
         if fold:
             fold_ws(self.model)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
