@@ -77,6 +77,12 @@ def load_tool():
 
 
 @pytest.fixture(scope="session")
+def convert_checkpoint(load_tool):
+    """tools/convert_pretrained.py's file-to-file conversion: `convert_checkpoint(src, dst, source, config_file)`."""
+    return load_tool("convert_pretrained").convert
+
+
+@pytest.fixture(scope="session")
 def start_train_net():
     """Start tools/train_net.py on the tiny config in a subprocess: `start(args, **popen_kwargs)`."""
 

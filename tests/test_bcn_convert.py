@@ -13,7 +13,6 @@ from checkpoint_files import ReferenceBCNorm, bcn_ws_resnet, gn_resnet, save_aut
 from detectron2.modeling import build_model
 
 import ws_d2
-from ws_d2.checkpoint import convert_checkpoint
 from ws_d2.checkpoint.layouts import detect_layout
 from ws_d2.errors import CheckpointError
 
@@ -36,7 +35,9 @@ def authors_r50(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_authors_bcn_model_gives_reference_features(tmp_path, repo_root, arch, converted_backbone_features):
+def test_authors_bcn_model_gives_reference_features(
+    tmp_path, repo_root, arch, converted_backbone_features, convert_checkpoint
+):
     resnet = bcn_ws_resnet(arch)
     src = save_authors_file(resnet, tmp_path / f"{arch}_bcn_ws.pth")
     state = torch.load(src)
@@ -63,7 +64,7 @@ def test_authors_bcn_model_gives_reference_features(tmp_path, repo_root, arch, c
         torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-9, msg=name)
 
 
-def test_names_land_where_documented(tmp_path, authors_r50):
+def test_names_land_where_documented(tmp_path, authors_r50, convert_checkpoint):
     resnet, src = authors_r50
     convert_checkpoint(src, tmp_path / "out.pth")
     converted = torch.load(tmp_path / "out.pth")["model"]
@@ -80,7 +81,7 @@ def test_names_land_where_documented(tmp_path, authors_r50):
         assert torch.equal(converted[prefix + target], source), target
 
 
-def test_refusals_name_the_problem(tmp_path, repo_root, authors_r50):
+def test_refusals_name_the_problem(tmp_path, repo_root, authors_r50, convert_checkpoint):
     _, src = authors_r50
     gn_config = str(repo_root / "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml")
     with pytest.raises(CheckpointError, match="BCN norms .* MODEL.BCN.ENABLED False"):

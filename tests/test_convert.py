@@ -18,15 +18,10 @@ from checkpoint_files import RunsShellCommand, gn_resnet, mmdet_neck_and_heads, 
 from detectron2.modeling import build_model
 from torch import nn
 
-from ws_d2 import get_ws_cfg
-from ws_d2.checkpoint import WSCheckpointer, load_checkpoint_file
-from ws_d2.checkpoint.convert import (
-    convert_authors_checkpoint,
-    convert_checkpoint,
-    convert_mmdet_checkpoint,
-    seed_config_file,
-)
+from ws_d2 import get_ws_cfg, load_config
+from ws_d2.checkpoint import WSCheckpointer, convert_state_dict, load_checkpoint_file, meta_model
 from ws_d2.errors import CheckpointError, UnsafeCheckpointError
+from ws_d2.model_zoo import get_config_file, seed_config_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FASTER_R50 = str(CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_gn_ws_1x.yaml")
@@ -52,6 +47,10 @@ def _reference_ws_features(resnet, x):
     return features
 
 
+def _convert(checkpoint, config_file, source):
+    return convert_state_dict(checkpoint, meta_model(load_config(config_file)), source)
+
+
 def _build(config_file, **overrides):
     cfg = get_ws_cfg()
     cfg.merge_from_file(config_file)
@@ -66,7 +65,9 @@ def authors_r50():
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
-def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch, converted_backbone_features):
+def test_authors_checkpoint_gives_reference_features(
+    tmp_path, repo_root, arch, converted_backbone_features, convert_checkpoint
+):
     resnet = gn_resnet(arch)
     src = tmp_path / f"{arch}-GN-WS.pth.tar"
     torch.save(
@@ -86,7 +87,7 @@ def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch, 
     }
     assert all(k.startswith("backbone.fpn_") for k in report.not_converted if k.startswith("backbone."))
 
-    model = _build(seed_config_file(report.target.split("rcnn_")[1].split("_FPN")[0]))
+    model = _build(get_config_file(f"COCO-Detection/{report.target}"))
     # float64: two implementations of the same math then agree to ~1e-13 on features of magnitude ~10 (eps 1e-3
     # instead of 1e-5, or the biased std, is off by > 1e-4)
     features = converted_backbone_features(model, tmp_path / "backbone.pkl", resnet, _reference_ws_features)
@@ -95,7 +96,7 @@ def test_authors_checkpoint_gives_reference_features(tmp_path, repo_root, arch, 
 
 
 def test_authors_names_land_where_documented(authors_r50):
-    converted, report = convert_authors_checkpoint(authors_r50, config_file=SEED_FASTER_R50)
+    converted, report = _convert(authors_r50, SEED_FASTER_R50, "authors")
     bottom_up = "backbone.bottom_up."
     for src, dst in [
         ("module.layer3.5.bn2.weight", "res4.5.conv2.norm.weight"),
@@ -109,7 +110,7 @@ def test_authors_names_land_where_documented(authors_r50):
     assert report.mapped == 159 and len(converted) == 159
 
 
-def test_mmdet_rehosted_backbone_with_gn_names(tmp_path, authors_r50):
+def test_mmdet_rehosted_backbone_with_gn_names(tmp_path, authors_r50, convert_checkpoint):
     # MMDetection's copy of the same weights: no module. prefix, norms named gn*, inside {'state_dict': ...}
     rehosted = {
         k[len("module.") :].replace(".bn", ".gn").replace("bn1.", "gn1.", 1): v
@@ -129,20 +130,18 @@ def test_mmdet_rehosted_backbone_with_gn_names(tmp_path, authors_r50):
 
 def test_wrong_architecture_is_refused(authors_r50):
     with pytest.raises(CheckpointError, match=r"no source: backbone\.bottom_up\.res4\.6\.") as info:
-        convert_authors_checkpoint(
-            authors_r50, config_file=str(CONFIGS / "COCO-Detection/faster_rcnn_R_101_FPN_gn_ws_1x.yaml")
-        )
+        _convert(authors_r50, str(CONFIGS / "COCO-Detection/faster_rcnn_R_101_FPN_gn_ws_1x.yaml"), "authors")
     assert "\n" not in str(info.value)
     with pytest.raises(
         CheckpointError,
         match=r"module\.layer1\.0\.conv2\.weight \(64, 64, 3, 3\) -> backbone\.bottom_up\.res2\.0\.conv2\.weight \(128, 4",
     ):
-        convert_authors_checkpoint(
-            authors_r50, config_file=str(CONFIGS / "COCO-Detection/faster_rcnn_X_50_32x4d_FPN_gn_ws_1x.yaml")
+        _convert(
+            authors_r50, str(CONFIGS / "COCO-Detection/faster_rcnn_X_50_32x4d_FPN_gn_ws_1x.yaml"), "authors"
         )
     truncated = {k: v for k, v in authors_r50.items() if not k.startswith("module.layer4.2.")}  # depth 49?
     with pytest.raises(CheckpointError, match="match no ResNet depth"):
-        convert_authors_checkpoint(truncated)
+        seed_config_file(truncated, "authors")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +152,7 @@ def mmdet_mask_r50(authors_r50):
     return {"meta": meta, "state_dict": {**backbone, **mmdet_neck_and_heads(mask=True)}}
 
 
-def test_mmdet_detector_becomes_full_model(tmp_path, repo_root, mmdet_mask_r50):
+def test_mmdet_detector_becomes_full_model(tmp_path, repo_root, mmdet_mask_r50, convert_checkpoint):
     torch.save(mmdet_mask_r50, tmp_path / "mask_rcnn_r50_fpn_gn_ws-all_2x_coco.pth")
     report = convert_checkpoint(tmp_path / "mask_rcnn_r50_fpn_gn_ws-all_2x_coco.pth", tmp_path / "mask.pkl")
     assert report.source == "mmdet" and report.target == "mask_rcnn_R_50_FPN_gn_ws_2x.yaml"
@@ -190,23 +189,26 @@ def test_mmdet_detector_becomes_full_model(tmp_path, repo_root, mmdet_mask_r50):
 
 def test_mmdet_faster_rcnn_and_refusals(mmdet_mask_r50):
     faster = {k: v for k, v in mmdet_mask_r50["state_dict"].items() if ".mask_head." not in k}
-    converted, report = convert_mmdet_checkpoint({"meta": {}, "state_dict": faster})
-    assert report.target == "faster_rcnn_R_50_FPN_gn_ws_1x.yaml" and len(converted) == len(faster)
+    checkpoint = {"meta": {}, "state_dict": faster}
+    assert seed_config_file(checkpoint, "mmdet") == SEED_FASTER_R50
+    converted, report = _convert(checkpoint, SEED_FASTER_R50, "mmdet")
+    assert len(converted) == len(faster)
     # a Faster R-CNN file for a Mask R-CNN config: the mask head has no source
     with pytest.raises(CheckpointError, match=r"no source: roi_heads\.mask_head\.mask_fcn1\.weight"):
-        convert_mmdet_checkpoint(
+        _convert(
             {"state_dict": faster},
-            config_file=str(CONFIGS / "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"),
+            str(CONFIGS / "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"),
+            "mmdet",
         )
     # a head layout the table does not know is named, not silently dropped
     odd = {**faster, "roi_head.bbox_head.shared_fcs.0.extra": torch.zeros(1)}
     with pytest.raises(
         CheckpointError, match=r"match no rename rule: roi_head\.bbox_head\.shared_fcs\.0\.extra"
     ):
-        convert_mmdet_checkpoint({"state_dict": odd}, config_file=SEED_FASTER_R50)
+        _convert({"state_dict": odd}, SEED_FASTER_R50, "mmdet")
     v1_layout = {k.replace("roi_head.", ""): v for k, v in faster.items()}  # MMDetection v1: no roi_head
     with pytest.raises(CheckpointError, match="MMDetection v1 layout"):
-        convert_mmdet_checkpoint({"meta": {"mmdet_version": "1.0rc0"}, "state_dict": v1_layout})
+        _convert({"meta": {"mmdet_version": "1.0rc0"}, "state_dict": v1_layout}, SEED_FASTER_R50, "mmdet")
 
 
 def _write_config(tmp_path, repo_root, name, **resnets):
@@ -217,7 +219,7 @@ def _write_config(tmp_path, repo_root, name, **resnets):
     return str(tmp_path / name)
 
 
-def test_torchvision_batchnorm_resnet(tmp_path, repo_root):
+def test_torchvision_batchnorm_resnet(tmp_path, repo_root, convert_checkpoint):
     resnet = random_(torchvision.models.resnet18())
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
     gn_config = _write_config(tmp_path, repo_root, "r18_gn.yaml")
@@ -308,6 +310,4 @@ def test_cli_refuses_crafted_and_truncated_files(tmp_path, repo_root, capsys, lo
     )
     assert "cut.pth.tar: not a readable torch checkpoint (truncated or corrupt?)" in capsys.readouterr().err
     with pytest.raises(UnsafeCheckpointError):
-        convert_checkpoint(tmp_path / "evil.pkl", tmp_path / "out.pkl")
-    with pytest.raises(CheckpointError):
-        convert_checkpoint(tmp_path / "cut.pth.tar", tmp_path / "out.pkl")
+        load_tool("convert_pretrained").convert(tmp_path / "evil.pkl", tmp_path / "out.pkl")

@@ -13,8 +13,8 @@ import torch
 from detectron2.modeling import build_model
 
 import ws_d2
-from ws_d2.export import DeployedPredictor, deployable_inference, export_deployable, resize_for_model
-from ws_d2.predictor import WSPredictor
+from ws_d2.export import deployable_inference, export_deployable
+from ws_d2.predictor import DeployedPredictor, WSPredictor, resize_for_model
 
 # Random weights, every detection kept (threshold 0) up to 10 per image, so that there is much to compare.
 KEEP_ALL = [

@@ -25,7 +25,7 @@ from detectron2.modeling import build_model
 
 import ws_d2
 from ws_d2 import model_zoo
-from ws_d2.checkpoint import WSCheckpointer, convert_checkpoint
+from ws_d2.checkpoint import WSCheckpointer
 from ws_d2.errors import CheckpointError, UnsafeCheckpointError, one_line
 from ws_d2.predictor import WSPredictor
 
@@ -85,7 +85,7 @@ def _cfg(repo_root, config):
 
 
 def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(
-    tmp_path, repo_root, server, monkeypatch
+    tmp_path, repo_root, server, monkeypatch, convert_checkpoint
 ):
     running, served, cache = server
     backbone = {f"backbone.{k.replace('bn', 'gn')}": v for k, v in gn_resnet("resnet50").state_dict().items()}
@@ -103,7 +103,7 @@ def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(
 
     url = f"{running.url}/mask_r50.pth"
     from_url = build_model(cfg)
-    WSCheckpointer(from_url, config=cfg).load(url)
+    WSCheckpointer(from_url).load(url)
     assert running.hits["/mask_r50.pth"] == 1 and (cache / "mask_r50.pth").is_file()
     # the model zoo's published weights, here served locally: the second load reads the cached copy
     monkeypatch.setitem(model_zoo.published.TRAINED, MASK_R50[len("configs/") :], url)
@@ -126,7 +126,9 @@ def test_mmdet_detector_by_url_matches_the_converted_file_and_is_cached(
         ("ws_d2", "tests/configs/tiny_mask_rcnn_R_18_FPN.yaml"),
     ],
 )
-def test_imagenet_and_detectron2_files_by_url(tmp_path, repo_root, server, layout, config):
+def test_imagenet_and_detectron2_files_by_url(
+    tmp_path, repo_root, server, layout, config, convert_checkpoint
+):
     running, served, _ = server
     name = f"{layout}.pth"
     if layout == "authors":
@@ -142,7 +144,7 @@ def test_imagenet_and_detectron2_files_by_url(tmp_path, repo_root, server, layou
         convert_checkpoint(served / name, tmp_path / "converted.pkl", config_file=str(repo_root / config))
         expected = {k: torch.as_tensor(v) for k, v in pickle.loads((tmp_path / "converted.pkl").read_bytes())["model"].items()}  # fmt: skip
     model = build_model(cfg)
-    WSCheckpointer(model, config=cfg).load(f"{running.url}/{name}")
+    WSCheckpointer(model).load(f"{running.url}/{name}")
     state = model.state_dict()
     assert len(expected) >= 120 and all(torch.equal(state[k], v) for k, v in expected.items())
 

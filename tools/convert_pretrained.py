@@ -14,14 +14,17 @@ Exit status: 0 converted, 1 refused (the message names the keys), 2 usage error.
 """
 
 import argparse
+import os
 import sys
 
-import ws_d2  # noqa: F401  (first: it fixes detectron2 v0.6 for today's libraries)
+import ws_d2
 
 # isort: split
-from ws_d2.checkpoint import convert_checkpoint
-from ws_d2.checkpoint.convert import SOURCES
-from ws_d2.errors import command_line
+from ws_d2.checkpoint import SOURCES, convert_state_dict, load_checkpoint_file, meta_model, save_converted
+from ws_d2.checkpoint.layouts import detect_layout, unwrap_state_dict
+from ws_d2.errors import CheckpointError, command_line
+from ws_d2.files import refuse_output_onto_inputs
+from ws_d2.model_zoo import seed_config_file
 
 
 def get_parser():
@@ -35,10 +38,32 @@ def get_parser():
     return parser
 
 
+def convert(src, dst, source="auto", config_file=None):
+    """Read SRC safely, convert it for the model of `config_file` (default: the seed config of the file's
+    architecture), write DST. Returns the ConversionReport; raises CheckpointError naming the keys."""
+    if not os.fspath(dst).endswith((".pkl", ".pth")):
+        raise CheckpointError(f"{dst}: the output must end in .pkl or .pth")
+    refuse_output_onto_inputs(dst, [src, config_file], option="DST")
+    checkpoint = load_checkpoint_file(src)
+    if source == "auto":
+        if "model" in checkpoint and "__author__" in checkpoint:
+            raise CheckpointError(
+                f"{src}: already a detectron2 checkpoint (written by {checkpoint['__author__']})"
+            )
+        source = detect_layout(unwrap_state_dict(checkpoint))
+        if source is None:
+            raise CheckpointError(f"{src}: not a known layout ({', '.join(SOURCES)}); pass --source")
+    config_file = config_file or seed_config_file(checkpoint, source)
+    model = meta_model(ws_d2.load_config(config_file))
+    state_dict, report = convert_state_dict(checkpoint, model, source, target=os.path.basename(config_file))
+    save_converted(state_dict, dst)
+    return report
+
+
 @command_line("convert_pretrained")
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    report = convert_checkpoint(args.src, args.dst, source=args.source, config_file=args.config_file)
+    report = convert(args.src, args.dst, source=args.source, config_file=args.config_file)
     print(report.summary())
     print(f"wrote {args.dst}")
     return 0

@@ -30,11 +30,9 @@ from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from PIL import Image, UnidentifiedImageError
 
-from ws_d2.checkpoint import atomic_write
 from ws_d2.errors import DatasetError, WSD2Error, command_line, one_line
-from ws_d2.export import DeployedPredictor
-from ws_d2.outputs import atomic_output_path, refuse_output_onto_inputs
-from ws_d2.predictor import VisualizationDemo, WSPredictor
+from ws_d2.files import atomic_output_path, atomic_write, refuse_output_onto_inputs
+from ws_d2.predictor import DeployedPredictor, VisualizationDemo, WSPredictor
 
 # What a folder given as input is searched for; files named explicitly or by a glob are tried whatever
 # their extension, so an odd name is reported rather than silently ignored.

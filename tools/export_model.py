@@ -25,9 +25,9 @@ import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before det
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
-from ws_d2.errors import command_line
-from ws_d2.export import EXPORT_FORMATS, export_model
-from ws_d2.outputs import refuse_output_onto_inputs
+from ws_d2.errors import ConfigError, command_line
+from ws_d2.export import DEPLOY_FILES, EXPORT_FORMATS, export_deployable, export_stock_model
+from ws_d2.files import refuse_output_onto_inputs
 
 
 def get_parser():
@@ -58,7 +58,16 @@ def main(argv=None):
         refuse_output_onto_inputs(output, [args.config_file])
     cfg = ws_d2.load_config(args.config_file, args.opts)
     image = read_image(args.sample_image, format="BGR") if args.sample_image else None
-    written = export_model(cfg, args.format, args.output, image)
+    # weights: an --output with an extension names the .pth itself; the graphs go into a folder
+    named_file = os.path.splitext(args.output.rstrip("/" + os.sep))[1]
+    if args.format == "weights":
+        written = export_stock_model(
+            cfg, args.output if named_file else os.path.join(args.output, "model_stock.pth")
+        )
+    elif named_file:
+        raise ConfigError(f"{args.output}: --output is the folder to write {DEPLOY_FILES[args.format]} into")
+    else:
+        written = [export_deployable(cfg, args.output, args.format, image)]
     print(f"wrote {' and '.join(written)} ({args.format}, WS folded into the weights)")
     return 0
 

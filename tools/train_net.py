@@ -108,7 +108,7 @@ def main(args):
     default_setup(cfg, args)
     if args.eval_only:
         model = WSTrainer.build_model(cfg)
-        checkpointer = WSCheckpointer(model, save_dir=cfg.OUTPUT_DIR, config=cfg)
+        checkpointer = WSCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return WSTrainer.test(cfg, model)
     trainer = WSTrainer(cfg)

@@ -1,62 +1,36 @@
 """Deployment: a ws_d2 model as detectron2's stock GN model, as TorchScript, or as ONNX.
 
-WS is a pure function of the weights, so at inference every WS conv can hold W_hat = standardize(W) and
-skip WS (`fold_ws`): the outputs are the same, and the state_dict loads into the stock GN model that
-detectron2 alone builds from `stock_config(cfg)` (no ws_d2 import, no ws_d2 config key).
+WS is a pure function of the weights, so `fold_ws` gives every WS conv W_hat = standardize(W): the outputs are
+the same, and the state_dict loads into the stock GN model that detectron2 alone builds from `stock_config`.
+The folded model traced through detectron2's `TracingAdapter` runs without ws_d2: `model.ts` (torch +
+torchvision) or `model.onnx` (onnxruntime alone). The graph's contract:
 
-The folded model traced through detectron2's `TracingAdapter` is a graph that runs without Python's
-ws_d2/detectron2: `model.ts` (TorchScript: torch + torchvision, whose import registers the nms/roi_align
-ops the graph calls) or `model.onnx` (onnxruntime alone). Its contract (`DEPLOYED_INPUT`, `DEPLOYED_OUTPUTS`):
-
-- input `image`: uint8, H x W x 3, BGR channel order (what cv2.imread gives), values 0-255, any H and W.
-  The graph converts it to the model's INPUT.FORMAT, subtracts PIXEL_MEAN, divides by PIXEL_STD and pads
-  to a multiple of the backbone's size divisibility itself. Resizing is NOT in the graph: feed the image
-  resized as detectron2 does at test time (shorter side INPUT.MIN_SIZE_TEST, longer side at most
-  INPUT.MAX_SIZE_TEST; `resize_for_model`), or any size you choose (the graph is not tied to the traced one).
-- outputs, one row per detection, best first (at most TEST.DETECTIONS_PER_IMAGE, scores above
-  ROI_HEADS.SCORE_THRESH_TEST, after per-class NMS): `boxes` float32 N x 4 (x0, y0, x1, y1 in pixels of the
-  input image), `scores` float32 N, `classes` int64 N (0-based class index), and for a mask model `masks`
-  float32 N x M x M (M = 28: each instance's mask probabilities over its box, not pasted). Scaling the boxes
-  back to the original image and pasting the masks (threshold 0.5) happen after the graph, as in
-  detectron2's `detector_postprocess`; `DeployedPredictor` does both.
+- input `image`: uint8 H x W x 3 BGR (what cv2.imread gives), any size, already resized to the test size
+  (`ws_d2.predictor.resize_for_model`); the graph converts to INPUT.FORMAT, normalizes and pads itself;
+- outputs, one row per detection, best first: `boxes` float32 N x 4 (x0 y0 x1 y1, input pixels), `scores`,
+  `classes` int64 (0-based) and, for a mask model, `masks` float32 N x 28 x 28 (probabilities over each box,
+  not pasted). `ws_d2.predictor.DeployedPredictor` resizes before and pastes after, as detectron2 does.
 """
 
-import contextlib
 import json
 import os
-import warnings
 
 import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import transforms as T
+from detectron2.data import MetadataCatalog
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
-from detectron2.structures import Boxes, Instances
 
-from .checkpoint import atomic_write
-from .errors import CheckpointError, ConfigError, one_line
-from .outputs import refuse_output_onto_inputs
-from .predictor import WSPredictor
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write, refuse_output_onto_inputs
+from .predictor import DEPLOYED_INPUT, DEPLOYED_OUTPUTS, WSPredictor, resize_for_model, tracing_quietly
 
-__all__ = [
-    "DEPLOYED_INPUT",
-    "DEPLOYED_OUTPUTS",
-    "DeployedPredictor",
-    "EXPORT_FORMATS",
-    "export_deployable",
-    "export_model",
-    "export_stock_model",
-    "resize_for_model",
-    "stock_config",
-]
+__all__ = ["EXPORT_FORMATS", "export_deployable", "export_stock_model", "stock_config"]
 
-DEPLOYED_INPUT = "image"
-DEPLOYED_OUTPUTS = ("boxes", "scores", "classes", "masks")  # "masks" for mask models only
 DEPLOY_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 EXPORT_FORMATS = ("weights", *DEPLOY_FILES)  # weights: detectron2's stock GN model (export_stock_model)
 # ONNX opset: 16 is the first with RoiAlign's half-pixel (aligned) coordinates; 17 is what onnxruntime has
@@ -76,21 +50,6 @@ COMPONENT_KEYS = {
     ("ROI_BOX_HEAD", "NAME"): ROI_BOX_HEAD_REGISTRY,
     ("ROI_MASK_HEAD", "NAME"): ROI_MASK_HEAD_REGISTRY,
 }
-
-
-def export_model(cfg, fmt, output, image=None):
-    """Export the model of `cfg` (with cfg.MODEL.WEIGHTS) in one of EXPORT_FORMATS into the folder `output`:
-    `model_stock.pth` + `.yaml` (weights; an `output` with an extension names the .pth itself), `model.ts`
-    or `model.onnx` traced on `image` (see export_deployable). Returns the files written."""
-    named_file = os.path.splitext(output.rstrip("/" + os.sep))[1]
-    if fmt == "weights":
-        checkpoint = output if named_file else os.path.join(output, "model_stock.pth")
-        return list(export_stock_model(cfg, checkpoint))  # refuses a file other than .pth
-    if named_file:
-        raise ConfigError(
-            f"{output}: --output is the folder to write {DEPLOY_FILES.get(fmt, 'the model')} into"
-        )
-    return [export_deployable(cfg, output, fmt, image)]
 
 
 def stock_config(cfg):
@@ -118,11 +77,7 @@ def export_stock_model(cfg, output_file):
     (same name, .yaml) with MODEL.WEIGHTS naming the checkpoint. Returns (checkpoint, config file)."""
     if not output_file.endswith(".pth"):
         raise CheckpointError(f"{output_file}: the exported checkpoint must be a .pth file")
-    if not cfg.MODEL.WEIGHTS:
-        raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
     config_file = os.path.splitext(output_file)[0] + ".yaml"
-    if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        raise CheckpointError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}")
     refuse_output_onto_inputs(output_file, [cfg.MODEL.WEIGHTS])
     refuse_output_onto_inputs(config_file, [cfg.MODEL.WEIGHTS], option="exported config")
     stock_cfg = stock_config(cfg)
@@ -154,13 +109,6 @@ def _known_keys_only(cfg, reference):
         if key in kept:
             kept[key] = _known_keys_only(value, kept[key]) if isinstance(value, type(cfg)) else value
     return kept
-
-
-def resize_for_model(image, cfg):
-    """`image` (H x W x C) resized as the model's predictor does at test time: detectron2's ResizeShortestEdge
-    to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (what WSPredictor does before the model)."""
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    return resize.get_transform(image).apply_image(image)
 
 
 def deployable_inference(model, image):
@@ -199,8 +147,6 @@ def export_deployable(cfg, output_dir, fmt, image=None):
     provider. Returns the file written."""
     if fmt not in DEPLOY_FILES:
         raise ConfigError(f"export format {fmt!r}: not one of {', '.join(DEPLOY_FILES)}")
-    if not cfg.MODEL.WEIGHTS:
-        raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
     model = WSPredictor(cfg, fold=True, covering=True).model  # an export must not carry initial values
@@ -211,7 +157,7 @@ def export_deployable(cfg, output_dir, fmt, image=None):
     output_names = list(DEPLOYED_OUTPUTS[: 4 if cfg.MODEL.MASK_ON else 3])
     info = json.dumps(deployment_info(cfg, output_names))
     os.makedirs(output_dir, exist_ok=True)
-    with _tracing_quietly():
+    with tracing_quietly():
         if fmt == "torchscript":
             traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
             with atomic_write(path) as f:
@@ -236,8 +182,6 @@ def check_deployable(model, cfg):
 
 def deployment_info(cfg, output_names):
     """What a user of the exported file needs besides the graph: how to resize, what the outputs mean."""
-    from detectron2.data import MetadataCatalog
-
     classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST else None
     return {
         "input": f"{DEPLOYED_INPUT}: uint8 H x W x 3, BGR, 0-255, resized: shorter side "
@@ -249,81 +193,6 @@ def deployment_info(cfg, output_names):
         "mask_threshold": 0.5,
         "thing_classes": list(classes) if classes else None,
     }
-
-
-class DeployedPredictor:
-    """An exported `model.onnx` (run by onnxruntime) or `model.ts` (TorchScript) used as WSPredictor is: a BGR
-    uint8 image of any size in, `{"instances": Instances}` in that image's coordinates out. Around the graph
-    it does what the graph leaves out (module docstring): `resize_for_model` before, detectron2's
-    `detector_postprocess` after (boxes scaled back, masks pasted at threshold 0.5). `cfg` is the config the
-    model was exported from (test size, class names for drawing, MODEL.DEVICE); its
-    ROI_HEADS.SCORE_THRESH_TEST filters the detections further when it is above the exported one."""
-
-    def __init__(self, cfg, model_file):
-        from detectron2.data import MetadataCatalog
-        from detectron2.data.catalog import Metadata
-
-        if not os.path.isfile(model_file):
-            raise ConfigError(f"{model_file}: no such exported model file")
-        self.cfg = cfg.clone()
-        self.device = cfg.MODEL.DEVICE
-        if model_file.endswith(".onnx"):
-            self._run = _onnxruntime_runner(model_file, self.device)
-        elif model_file.endswith(".ts"):
-            self._run = _torchscript_runner(model_file, self.device)
-        else:
-            raise ConfigError(f"{model_file}: an exported model is a .onnx or a .ts file")
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else Metadata()
-
-    def __call__(self, image_bgr):
-        height, width = image_bgr.shape[:2]
-        resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
-        outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
-        # A threshold above the exported one gives what the eager model with it gives: NMS only lets a
-        # higher score suppress a box, and the top-k of the kept scores are the same.
-        keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
-        outputs = {name: value[keep] for name, value in outputs.items()}
-        instances = Instances(resized.shape[:2])
-        instances.pred_boxes = Boxes(outputs["boxes"])
-        instances.scores = outputs["scores"]
-        instances.pred_classes = outputs["classes"]
-        if "masks" in outputs:
-            instances.pred_masks = outputs["masks"][:, None]  # N x 1 x M x M, as the eager model gives them
-        return {"instances": detector_postprocess(instances, height, width)}
-
-
-def _onnxruntime_runner(model_file, device):
-    import onnxruntime
-
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        session = onnxruntime.InferenceSession(model_file, providers=providers)
-    except Exception as e:  # onnxruntime's own exception types, e.g. for a file that is not ONNX
-        raise ConfigError(f"{model_file}: onnxruntime cannot load it ({one_line(e)})") from None
-    names = [output.name for output in session.get_outputs()]
-    return lambda image: dict(zip(names, session.run(None, {DEPLOYED_INPUT: image})))
-
-
-def _torchscript_runner(model_file, device):
-    import torchvision  # noqa: F401  (registers the torchvision::nms / roi_align ops the graph calls)
-
-    extra_files = {"ws_d2.json": ""}
-    try:
-        with _tracing_quietly():
-            module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
-    except RuntimeError as e:
-        raise ConfigError(f"{model_file}: TorchScript cannot load it ({one_line(e)})") from None
-    if not extra_files["ws_d2.json"]:
-        raise ConfigError(f"{model_file}: not a model written by ws_d2's export (no ws_d2.json inside)")
-    names = json.loads(extra_files["ws_d2.json"])["outputs"]
-
-    def run(image):
-        with torch.no_grad():
-            return dict(zip(names, module(torch.from_numpy(image).to(device))))
-
-    return run
 
 
 def _group_norm_any_batch(g, x, num_groups, weight, bias, eps, cudnn_enabled):
@@ -383,16 +252,3 @@ def _with_metadata(onnx_bytes, info):
     entry = proto.metadata_props.add()
     entry.key, entry.value = "ws_d2", info
     return proto.SerializeToString()
-
-
-@contextlib.contextmanager
-def _tracing_quietly():
-    """Silence what tracing detectron2's model always prints and what does not apply to it: the tracer's
-    warnings about its Python-side shape logic (which detectron2 wrote to be trace-safe), torch's notice that
-    torch.jit is deprecated, and the ONNX exporter's caveat about negative indices (the graph indexes with
-    nonzero() and arange() results only)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-        warnings.filterwarnings("ignore", r"Exporting aten::index operator of advanced indexing", UserWarning)
-        yield

@@ -1,46 +1,63 @@
-"""Inference: detectron2's DefaultPredictor with safely loaded weights, and its predictions drawn."""
+"""Inference: detectron2's DefaultPredictor with safely loaded weights, the same for an exported graph, and
+their predictions drawn."""
 
+import contextlib
+import json
 import os
+import warnings
 
+import numpy as np
+import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import WSCheckpointer
 from .config import check_device
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError, one_line
+from .files import require_weights_file
 from .modeling import fold_ws
 
-__all__ = ["VisualizationDemo", "WSPredictor"]
+__all__ = ["DeployedPredictor", "VisualizationDemo", "WSPredictor", "resize_for_model"]
+
+DEPLOYED_INPUT = "image"  # the exported graph's input and outputs: ws_d2.export's docstring
+DEPLOYED_OUTPUTS = ("boxes", "scores", "classes", "masks")  # "masks" for mask models only
+
+
+def resize_for_model(image, cfg):
+    """`image` (H x W x C) resized as the predictor does at test time (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)."""
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    return resize.get_transform(image).apply_image(image)
+
+
+def _test_metadata(cfg):
+    # class names and colors for drawing, COCO category ids for results
+    return MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else Metadata()
 
 
 class WSPredictor(DefaultPredictor):
-    """detectron2's DefaultPredictor whose weights are read by WSCheckpointer.
-
-    Calling it is DefaultPredictor's `__call__`: a BGR uint8 image in, the model's output dict out
-    (resized to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST and fed in INPUT.FORMAT). DefaultPredictor's own
-    constructor is not used: it would load MODEL.WEIGHTS with DetectionCheckpointer, which unpickles
-    files without restriction. `fold=True` replaces every WS conv by a plain conv holding its
-    standardized weight: the outputs are the same. `covering=True` refuses (CheckpointError) weights
-    that leave any model tensor at its initial value, as an export must.
-    """
+    """detectron2's DefaultPredictor (same `__call__`) whose weights WSCheckpointer reads: DefaultPredictor's
+    constructor would unpickle MODEL.WEIGHTS without restriction. `fold=True` folds WS into plain convs (the
+    same outputs); `covering=True` refuses weights that leave any model tensor at its initial value (exports)."""
 
     def __init__(self, cfg, fold=False, covering=False):
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ConfigError(f"INPUT.FORMAT={cfg.INPUT.FORMAT}: a predictor takes RGB or BGR input")
         check_device(cfg)
         weights = cfg.MODEL.WEIGHTS
-        # checked before building the model; fvcore would fail later with a bare assertion
-        if weights and "://" not in weights and not os.path.isfile(weights):
-            raise CheckpointError(f"MODEL.WEIGHTS file not found: {weights}")
+        if covering and not weights:
+            raise ConfigError("MODEL.WEIGHTS is empty: there are no trained weights to export")
+        require_weights_file(weights)  # before the model is built
         self.cfg = cfg.clone()  # the model may change its config
         self.model = build_model(self.cfg).eval()
         if weights:
-            checkpointer = WSCheckpointer(self.model, config=self.cfg)
+            checkpointer = WSCheckpointer(self.model)
             if covering:
                 checkpointer.load_covering(weights)
             else:
@@ -49,8 +66,92 @@ class WSPredictor(DefaultPredictor):
             fold_ws(self.model)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
-        # class names and colors for drawing, COCO category ids for results
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else Metadata()
+        self.metadata = _test_metadata(cfg)
+
+
+class DeployedPredictor:
+    """An exported `model.onnx` (run by onnxruntime) or `model.ts` (TorchScript) used as WSPredictor is: a BGR
+    uint8 image of any size in, `{"instances": Instances}` in that image's coordinates out. Around the graph
+    it does what the graph leaves out (module docstring): `resize_for_model` before, detectron2's
+    `detector_postprocess` after (boxes scaled back, masks pasted at threshold 0.5). `cfg` is the config the
+    model was exported from (test size, class names for drawing, MODEL.DEVICE); its
+    ROI_HEADS.SCORE_THRESH_TEST filters the detections further when it is above the exported one."""
+
+    def __init__(self, cfg, model_file):
+        if not os.path.isfile(model_file):
+            raise ConfigError(f"{model_file}: no such exported model file")
+        self.cfg = cfg.clone()
+        self.device = cfg.MODEL.DEVICE
+        if model_file.endswith(".onnx"):
+            self._run = _onnxruntime_runner(model_file, self.device)
+        elif model_file.endswith(".ts"):
+            self._run = _torchscript_runner(model_file, self.device)
+        else:
+            raise ConfigError(f"{model_file}: an exported model is a .onnx or a .ts file")
+        self.metadata = _test_metadata(cfg)
+
+    def __call__(self, image_bgr):
+        height, width = image_bgr.shape[:2]
+        resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
+        outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
+        # A threshold above the exported one gives what the eager model with it gives: NMS only lets a
+        # higher score suppress a box, and the top-k of the kept scores are the same.
+        keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+        outputs = {name: value[keep] for name, value in outputs.items()}
+        instances = Instances(resized.shape[:2])
+        instances.pred_boxes = Boxes(outputs["boxes"])
+        instances.scores = outputs["scores"]
+        instances.pred_classes = outputs["classes"]
+        if "masks" in outputs:
+            instances.pred_masks = outputs["masks"][:, None]  # N x 1 x M x M, as the eager model gives them
+        return {"instances": detector_postprocess(instances, height, width)}
+
+
+def _onnxruntime_runner(model_file, device):
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = onnxruntime.InferenceSession(model_file, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types, e.g. for a file that is not ONNX
+        raise ConfigError(f"{model_file}: onnxruntime cannot load it ({one_line(e)})") from None
+    names = [output.name for output in session.get_outputs()]
+    return lambda image: dict(zip(names, session.run(None, {DEPLOYED_INPUT: image})))
+
+
+def _torchscript_runner(model_file, device):
+    import torchvision  # noqa: F401  (registers the torchvision::nms / roi_align ops the graph calls)
+
+    extra_files = {"ws_d2.json": ""}
+    try:
+        with tracing_quietly():
+            module = torch.jit.load(model_file, map_location=device, _extra_files=extra_files)
+    except RuntimeError as e:
+        raise ConfigError(f"{model_file}: TorchScript cannot load it ({one_line(e)})") from None
+    if not extra_files["ws_d2.json"]:
+        raise ConfigError(f"{model_file}: not a model written by ws_d2's export (no ws_d2.json inside)")
+    names = json.loads(extra_files["ws_d2.json"])["outputs"]
+
+    def run(image):
+        with torch.no_grad():
+            return dict(zip(names, module(torch.from_numpy(image).to(device))))
+
+    return run
+
+
+@contextlib.contextmanager
+def tracing_quietly():
+    """Silence what tracing detectron2's model always prints and what does not apply to it: the tracer's
+    warnings about its Python-side shape logic (which detectron2 wrote to be trace-safe), torch's notice that
+    torch.jit is deprecated, and the ONNX exporter's caveat about negative indices (the graph indexes with
+    nonzero() and arange() results only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", r"Exporting aten::index operator of advanced indexing", UserWarning)
+        yield
 
 
 class VisualizationDemo:

@@ -1,7 +1,15 @@
 """Checkpoints: safe reading (no code from a file ever runs), atomic saving, and importing published weights."""
 
-from .checkpointer import WSCheckpointer, atomic_write
-from .convert import convert_checkpoint
+from .checkpointer import WSCheckpointer
+from .convert import convert_state_dict, meta_model, save_converted
+from .layouts import SOURCES
 from .safe_load import load_checkpoint_file
 
-__all__ = ["WSCheckpointer", "atomic_write", "convert_checkpoint", "load_checkpoint_file"]
+__all__ = [
+    "SOURCES",
+    "WSCheckpointer",
+    "convert_state_dict",
+    "load_checkpoint_file",
+    "meta_model",
+    "save_converted",
+]

@@ -8,6 +8,7 @@ silently lost.
 
 import re
 
+SOURCES = ("authors", "authors_bcn", "mmdet", "torchvision")  # what detect_layout tells apart
 _BLOCK = r"layer(?P<layer>\d)\.(?P<block>\d+)"
 
 

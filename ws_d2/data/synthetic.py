@@ -18,6 +18,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
+from ..files import atomic_write
+
 __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_SPLITS",
@@ -136,9 +138,8 @@ def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objec
             for category, polygon in shapes:
                 annotations.append(_coco_annotation(polygon, category, image_id, len(annotations) + 1))
         content = {"info": info, "images": images, "annotations": annotations, "categories": categories}
-        with open(json_file + ".tmp", "w") as f:
+        with atomic_write(json_file, "w") as f:  # the JSON marks a complete split
             json.dump(content, f)
-        os.replace(json_file + ".tmp", json_file)  # the JSON marks a complete split
     return written
 
 

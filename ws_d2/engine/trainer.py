@@ -58,7 +58,7 @@ class WSTrainer(DefaultTrainer):
             moving_speed=MovingSpeedSchedule.from_config(cfg),
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, config=cfg, trainer=weakref.proxy(self))
+        self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

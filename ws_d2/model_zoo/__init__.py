@@ -9,10 +9,17 @@ converts it in memory.
 import os
 from pathlib import Path
 
+import torch
+from detectron2.modeling import build_model
+
+from ..checkpoint import WSCheckpointer
+from ..checkpoint.layouts import common_prefix, infer_resnet_architecture, unwrap_state_dict
+from ..config import load_config
 from ..errors import CheckpointError, ConfigError
+from ..files import require_weights_file
 from . import published
 
-__all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file"]
+__all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file", "seed_config_file"]
 
 _CONFIG_DIRS = (Path(__file__).parent / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -41,8 +48,6 @@ def get_config(config_path: str, trained: bool = False):
     """The config (ws_d2's keys included); `trained=True` sets MODEL.WEIGHTS to the published trained weights.
     Otherwise MODEL.WEIGHTS is the config's own: for the GN+WS seed configs, the converted ImageNet backbone
     under pretrained/ if it is there, else the URL of MMDetection's copy of the authors' ImageNet model."""
-    from ..config import load_config
-
     cfg = load_config(get_config_file(config_path), freeze=False)
     if trained:
         cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)
@@ -54,19 +59,39 @@ def get_config(config_path: str, trained: bool = False):
 def get(config_path: str, trained: bool = False, device=None):
     """A model built from a ws_d2 config with its weights loaded (safely; by URL, converted, if published),
     on `device` (default: MODEL.DEVICE, or the CPU when CUDA is not available)."""
-    import torch
-    from detectron2.modeling import build_model
-
-    from ..checkpoint import WSCheckpointer
-
     cfg = get_config(config_path, trained)
     if device is not None:
         cfg.MODEL.DEVICE = device
     elif not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    weights = cfg.MODEL.WEIGHTS
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise CheckpointError(f"MODEL.WEIGHTS file not found: {weights} (relative to {os.getcwd()})")
+    require_weights_file(cfg.MODEL.WEIGHTS)
     model = build_model(cfg)
-    WSCheckpointer(model, config=cfg).load(weights)
+    WSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
+
+
+def seed_config_file(checkpoint, source):
+    """The seed config whose model fits a loaded file in layout `source`: the GN+WS (or, for `authors_bcn`,
+    BCN+WS) config of the ResNet/ResNeXt architecture the file holds, with a mask head if it has one."""
+    state_dict = unwrap_state_dict(checkpoint)
+    prefix = common_prefix(state_dict)
+    mask_on = any(k[len(prefix) :].startswith("roi_head.mask_head.") for k in state_dict)
+    resnet_prefix = prefix + ("backbone." if source == "mmdet" else "")
+    try:
+        architecture = infer_resnet_architecture(state_dict, prefix=resnet_prefix)["name"]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
+        ) from None
+    if source == "authors_bcn":
+        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_bcn_ws_2x.yaml"
+    elif mask_on:
+        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_gn_ws_2x.yaml"
+    else:
+        name = f"COCO-Detection/faster_rcnn_{architecture}_FPN_gn_ws_1x.yaml"
+    try:
+        return get_config_file(name)
+    except ConfigError:
+        raise CheckpointError(
+            f"no ws_d2 seed config {name} for this {architecture} file: pass --config-file"
+        ) from None
