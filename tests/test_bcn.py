@@ -24,10 +24,10 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from ws_d2.data import synthetic_batch
-from ws_d2.engine import MovingSpeedSchedule, WSTrainer
+from ws_d2.engine import WSTrainer
 from ws_d2.errors import ConfigError
 from ws_d2.export import stock_config
-from ws_d2.layers import BatchChannelNorm, EstBN, WSConv2d, set_moving_speed, standardize_weight
+from ws_d2.layers import BatchChannelNorm, EstBN, WSConv2d, moving_speed, set_moving_speed, standardize_weight
 from ws_d2.modeling import count_bcn, count_ws_convs, fold_ws
 
 C, G = 8, 4
@@ -126,10 +126,9 @@ def test_estbn_update_identities():
     torch.testing.assert_close(est.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(est.running_var, (x**2).mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
     # ws_d2's schedule r_t = 1/(t+1): the mean estimate is the plain average of all batch means so far
-    schedule = MovingSpeedSchedule(min_speed=0.01)
     batches = [_x(2, C, 3, 3, seed=s) * (s + 1) for s in range(5)]
     for t, batch in enumerate(batches):
-        schedule.apply(est, t)
+        set_moving_speed(est, moving_speed(t, min_speed=0.01))
         est(batch)
     average = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
     torch.testing.assert_close(est.running_mean, average, rtol=1e-12, atol=1e-12)
@@ -153,8 +152,7 @@ def test_empty_batch(estimate, training):
 
 
 def test_moving_speed_schedule():
-    schedule = MovingSpeedSchedule(min_speed=0.01)
-    assert [schedule(t) for t in (0, 1, 3, 99, 100, 10_000)] == [1.0, 0.5, 0.25, 0.01, 0.01, 0.01]
+    assert [moving_speed(t, 0.01) for t in (0, 1, 3, 99, 100, 10_000)] == [1.0, 0.5, 0.25, 0.01, 0.01, 0.01]
 
 
 @pytest.mark.parametrize("estimate", [False, True])

@@ -18,34 +18,22 @@ def add_ws_config(cfg):
     if "WS" in cfg.MODEL:
         return cfg
     cfg.MODEL.WS = CN()
-    # The documented GN-only switch: False builds every ws_d2 component with plain convs, so a GN+WS
-    # config and its GN twin differ in this key alone (same parameters, same state_dict keys).
-    cfg.MODEL.WS.ENABLED = True
-    # Added to the unbiased std outside the square root, as in the published checkpoints.
-    cfg.MODEL.WS.EPS = 1e-5
-    # "std_plus_eps": (W - mean) / (std + eps), the GN+WS release; "sqrt_var_plus_eps": (W - mean) /
-    # sqrt(var + eps), the authors' BCN+WS release (their ImageNet BCN+WS weights need it). docs/BCN.md
-    cfg.MODEL.WS.FORMULA = "std_plus_eps"
-    # What WS does to the weight: "standardize" (the published WS, by FORMULA) or one of the paper's
-    # ablations, "center" (WS+MO), "scale" (WS+DO), "standardize_affine" (WS+AF), "weight_norm" (WN).
-    # docs/WS.md#the-papers-ws-variants
-    cfg.MODEL.WS.MODE = "standardize"
-    # Batch-Channel Normalization (docs/BCN.md): ENABLED puts BCN wherever the model has a GroupNorm
-    # (backbone, FPN, conv heads of the GN+WS models): a batch step, GN without affine, a per-group affine.
+    cfg.MODEL.WS.ENABLED = True  # False: the GN twin, with the same parameters and state_dict keys
+    cfg.MODEL.WS.EPS = (
+        1e-5  # added to the unbiased std outside the root, as the published checkpoints were trained
+    )
+    cfg.MODEL.WS.FORMULA = "std_plus_eps"  # sqrt_var_plus_eps: the authors' BCN+WS weights (docs/BCN.md)
+    cfg.MODEL.WS.MODE = "standardize"  # or one of the paper's ablations (docs/WS.md#the-papers-ws-variants)
     cfg.MODEL.BCN = CN()
-    cfg.MODEL.BCN.ENABLED = False
-    # True: the batch step normalizes by estimated statistics (EstBN), for micro-batches; False: BatchNorm2d.
-    cfg.MODEL.BCN.ESTIMATE = True
-    cfg.MODEL.BCN.GROUPS = 32  # groups of the channel step and of the per-group affine (the authors': 32)
-    # EstBN's moving speed r for the t-th forward pass (micro-batch) of training: max(1 / (t + 1), this).
-    # 1/(t+1) makes the estimates the plain average of all batches so far; the floor then turns it into an
-    # exponential moving average over ~1/r_min passes that follows the changing weights.
-    cfg.MODEL.BCN.MIN_MOVING_SPEED = 0.01
-    # Micro-batch accumulation: IMS_PER_BATCH stays the images per optimizer step; each step runs
-    # ITER_SIZE forward/backward passes of IMS_PER_BATCH / (world size x ITER_SIZE) images.
+    cfg.MODEL.BCN.ENABLED = (
+        False  # Batch-Channel Normalization wherever the model has GroupNorm (docs/BCN.md)
+    )
+    cfg.MODEL.BCN.ESTIMATE = True  # EstBN's estimated statistics, for micro-batches; False: BatchNorm2d
+    cfg.MODEL.BCN.GROUPS = 32  # of the channel step and the per-group affine, as the authors'
+    cfg.MODEL.BCN.MIN_MOVING_SPEED = 0.01  # EstBN's r = max(1 / (t + 1), this): ws_d2.layers.moving_speed
+    # IMS_PER_BATCH stays the images per optimizer step, run as ITER_SIZE forward/backward passes
     cfg.SOLVER.ITER_SIZE = 1
-    # COCO evaluation: True takes detectron2's fast path (its compiled COCOeval or, without it,
-    # faster-coco-eval: the same figures, faster); False forces pycocotools' own COCOeval.
+    # True: detectron2's compiled COCOeval or, without it, faster-coco-eval (the same figures); False: pycocotools
     cfg.TEST.FAST_COCO_EVAL = True
     return cfg
 
@@ -56,11 +44,8 @@ def get_ws_cfg():
 
 
 def load_config(config_file, opts=(), freeze=True):
-    """ws_d2's defaults, then `config_file`, then the `KEY VALUE` overrides in `opts`.
-
-    Raises ConfigError with one line naming the file or key for a missing or unreadable file, an unknown
-    key or a bad value.
-    """
+    """ws_d2's defaults, then `config_file`, then the `KEY VALUE` overrides in `opts`; a missing or unreadable
+    file, an unknown key or a bad value raises ConfigError in one line naming it."""
     cfg = get_ws_cfg()
     if config_file:
         if not os.path.isfile(config_file):
@@ -82,8 +67,7 @@ def load_config(config_file, opts=(), freeze=True):
 
 
 def check_device(cfg):
-    """Refuse (ConfigError) a MODEL.DEVICE this machine does not have, rather than fail deep in torch or
-    run on another device without a word."""
+    """Refuse a MODEL.DEVICE this machine does not have, rather than fail deep in torch."""
     device = str(cfg.MODEL.DEVICE)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -92,8 +76,7 @@ def check_device(cfg):
 
 
 def _check_yaml_mapping(config_file):
-    """Refuse, naming the file, one that is not UTF-8 text, not YAML, empty or not a mapping of keys (yacs
-    would fail with a message that names neither the file nor the problem)."""
+    """Refuse, naming the file, one that is not UTF-8 YAML mapping keys: yacs' message names neither."""
     try:
         with open(config_file, encoding="utf-8") as f:
             content = yaml.safe_load(f)

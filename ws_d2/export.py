@@ -33,9 +33,7 @@ __all__ = ["EXPORT_FORMATS", "export_deployable", "export_stock_model", "stock_c
 
 DEPLOY_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 EXPORT_FORMATS = ("weights", *DEPLOY_FILES)  # weights: detectron2's stock GN model (export_stock_model)
-# ONNX opset: 16 is the first with RoiAlign's half-pixel (aligned) coordinates; 17 is what onnxruntime has
-# run this graph with here.
-ONNX_OPSET = 17
+ONNX_OPSET = 17  # 16 is the first with RoiAlign's half-pixel (aligned) coordinates
 
 # ws_d2 component -> the detectron2 component it wraps (same parameters and state_dict keys)
 STOCK_NAMES = {
@@ -53,8 +51,7 @@ COMPONENT_KEYS = {
 
 
 def stock_config(cfg):
-    """`cfg` as detectron2's own config: ws_d2 component names replaced by the stock ones they wrap, and
-    every key that detectron2's get_cfg() lacks (MODEL.WS, other extensions' keys) dropped. A BCN model is
+    """`cfg` as detectron2's own config: stock component names, no key that get_cfg() lacks. A BCN model is
     refused: detectron2 has no Batch-Channel Normalization, and its weights must not load into GN silently."""
     bcn = cfg.MODEL.get("BCN")
     if bcn is not None and bcn.ENABLED:
@@ -72,9 +69,8 @@ def stock_config(cfg):
 
 
 def export_stock_model(cfg, output_file):
-    """Load cfg.MODEL.WEIGHTS into the model of `cfg` (safely), fold WS and save the weights as
-    `output_file` (a .pth that torch.load(weights_only=True) reads), and the stock config next to it
-    (same name, .yaml) with MODEL.WEIGHTS naming the checkpoint. Returns (checkpoint, config file)."""
+    """The model of `cfg` with WS folded as `output_file` (.pth) and its stock config beside it (.yaml) naming
+    it as MODEL.WEIGHTS. Returns (checkpoint, config file)."""
     if not output_file.endswith(".pth"):
         raise CheckpointError(f"{output_file}: the exported checkpoint must be a .pth file")
     config_file = os.path.splitext(output_file)[0] + ".yaml"
@@ -102,7 +98,6 @@ def _comes_from_ws_d2(component):
 
 
 def _known_keys_only(cfg, reference):
-    """A copy of `reference` with the values `cfg` gives to the keys `reference` has (recursively)."""
     kept = reference.clone()
     kept.defrost()
     for key, value in cfg.items():
@@ -112,9 +107,8 @@ def _known_keys_only(cfg, reference):
 
 
 def deployable_inference(model, image):
-    """What the exported graph computes: a GeneralizedRCNN's raw detections of one uint8 BGR H x W x 3 image
-    (see the module docstring), as a tuple of tensors. Detectron2's own export traces the same
-    `inference(..., do_postprocess=False)`: its postprocessing (mask pasting) is not traceable."""
+    """What the exported graph computes, as a tuple of tensors: the postprocessing (mask pasting) is not
+    traceable, so the graph stops before it, as detectron2's own export does."""
     chw = image.permute(2, 0, 1).float()
     if model.input_format == "RGB":
         chw = chw.flip(0)
@@ -126,8 +120,7 @@ def deployable_inference(model, image):
 
 
 def sample_image(cfg, seed=0):
-    """A BGR uint8 image of the model's test size (4:3) to trace with when the user gives none: noise with a
-    few flat rectangles. Tracing records the ops, not the values: the graph then runs on any image."""
+    """A BGR uint8 image of the test size to trace with: tracing records the ops, not the values."""
     rng = np.random.default_rng(seed)
     height = cfg.INPUT.MIN_SIZE_TEST
     width = min(round(height * 4 / 3), max(cfg.INPUT.MAX_SIZE_TEST, height))
@@ -139,12 +132,8 @@ def sample_image(cfg, seed=0):
 
 
 def export_deployable(cfg, output_dir, fmt, image=None):
-    """Write `output_dir/model.ts` (fmt "torchscript") or `output_dir/model.onnx` (fmt "onnx"): the model
-    of `cfg` with cfg.MODEL.WEIGHTS (read safely), WS folded, traced on `image` (BGR uint8; default
-    `sample_image(cfg)`) resized by `resize_for_model`. The graph's input and outputs are the module
-    docstring's; the file also carries `deployment_info(cfg)` (ONNX metadata_props / TorchScript extra file
-    `ws_d2.json`). TorchScript runs on the device it was traced on (MODEL.DEVICE); ONNX on any onnxruntime
-    provider. Returns the file written."""
+    """Write `output_dir/model.ts` or `model.onnx`: the model of `cfg`, WS folded, traced on `image` (BGR
+    uint8), with `deployment_info` inside (`ws_d2.json` / metadata_props). Returns the file written."""
     if fmt not in DEPLOY_FILES:
         raise ConfigError(f"export format {fmt!r}: not one of {', '.join(DEPLOY_FILES)}")
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
@@ -196,9 +185,8 @@ def deployment_info(cfg, output_names):
 
 
 def _group_norm_any_batch(g, x, num_groups, weight, bias, eps, cudnn_enabled):
-    """ONNX symbolic of aten::group_norm, as torch's own (reshape to N x G x rest, InstanceNormalization,
-    reshape back, per-channel affine) except that `rest` is computed, not -1: onnxruntime cannot infer a -1
-    in an empty tensor, and the mask head gets an empty batch on an image without detections."""
+    """torch's ONNX group_norm, except that the reshape's size is computed, not -1: onnxruntime cannot infer
+    a -1 in an empty tensor, and the mask head gets an empty batch on an image without detections."""
     from torch.onnx.symbolic_helper import _get_const
 
     groups = _get_const(num_groups, "i", "num_groups")

@@ -70,12 +70,8 @@ class WSPredictor(DefaultPredictor):
 
 
 class DeployedPredictor:
-    """An exported `model.onnx` (run by onnxruntime) or `model.ts` (TorchScript) used as WSPredictor is: a BGR
-    uint8 image of any size in, `{"instances": Instances}` in that image's coordinates out. Around the graph
-    it does what the graph leaves out (module docstring): `resize_for_model` before, detectron2's
-    `detector_postprocess` after (boxes scaled back, masks pasted at threshold 0.5). `cfg` is the config the
-    model was exported from (test size, class names for drawing, MODEL.DEVICE); its
-    ROI_HEADS.SCORE_THRESH_TEST filters the detections further when it is above the exported one."""
+    """An exported `model.onnx` (onnxruntime) or `model.ts` (TorchScript) used as WSPredictor is: it resizes
+    before the graph and runs detectron2's `detector_postprocess` after. `cfg` is the exported model's."""
 
     def __init__(self, cfg, model_file):
         if not os.path.isfile(model_file):
@@ -94,8 +90,7 @@ class DeployedPredictor:
         height, width = image_bgr.shape[:2]
         resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
         outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
-        # A threshold above the exported one gives what the eager model with it gives: NMS only lets a
-        # higher score suppress a box, and the top-k of the kept scores are the same.
+        # a threshold above the exported one gives the eager model's result: NMS keeps the same top scores
         keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
         outputs = {name: value[keep] for name, value in outputs.items()}
         instances = Instances(resized.shape[:2])
@@ -143,10 +138,8 @@ def _torchscript_runner(model_file, device):
 
 @contextlib.contextmanager
 def tracing_quietly():
-    """Silence what tracing detectron2's model always prints and what does not apply to it: the tracer's
-    warnings about its Python-side shape logic (which detectron2 wrote to be trace-safe), torch's notice that
-    torch.jit is deprecated, and the ONNX exporter's caveat about negative indices (the graph indexes with
-    nonzero() and arange() results only)."""
+    """Silence what tracing detectron2's model always prints and does not apply to it (its shape logic is
+    trace-safe; it indexes with nonzero() and arange() results only)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
@@ -155,9 +148,7 @@ def tracing_quietly():
 
 
 class VisualizationDemo:
-    """A predictor's instances drawn by detectron2's Visualizer (an image) or VideoVisualizer (frames of a
-    video, where an instance keeps its color from one frame to the next). Class names and colors come from
-    `predictor.metadata`."""
+    """A predictor's instances drawn by detectron2's Visualizer, or its VideoVisualizer for frames."""
 
     def __init__(self, predictor, instance_mode=ColorMode.IMAGE):
         self.predictor = predictor
@@ -171,11 +162,7 @@ class VisualizationDemo:
         return predictions, visualizer.draw_instance_predictions(_instances(predictions)).get_image()
 
     def run_on_video(self, frames):
-        """For each BGR frame of `frames`, yield (predictions, the frame with its instances drawn, BGR).
-
-        `frames` is a capture object (anything with `read() -> (ok, frame)`, e.g. cv2.VideoCapture, read
-        until it returns no frame) or any iterable of BGR frames.
-        """
+        """(predictions, the frame drawn, BGR) for each BGR frame of a capture (`read()`) or an iterable."""
         visualizer = VideoVisualizer(self.metadata, self.instance_mode)
         for frame in _read_all(frames) if hasattr(frames, "read") else frames:
             predictions = self.predictor(frame)

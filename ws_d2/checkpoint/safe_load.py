@@ -1,15 +1,8 @@
-"""Read checkpoint files without running code from them.
+"""Read checkpoint files without running code from them: a pickle can have any importable callable called.
 
-A pickle can name any importable callable and have it called while loading (``os.system`` included);
-checkpoints come from the internet, so ws_d2 reads every one of them through here:
-
-- ``.pkl`` (detectron2 / Detectron / our converter's output): a ``pickle.Unpickler`` that admits only plain
-  containers, numbers, strings and numpy arrays / dtypes / scalars;
-- everything else (``.pth``, ``.pth.tar``, ``.pt``, ...): ``torch.load(weights_only=True)``, which admits
-  tensors and plain containers, plus the same numpy globals.
-
-A refused global raises ``UnsafeCheckpointError``; a missing, truncated or corrupt file raises
-``CheckpointError``. Both carry a one-line message naming the file.
+``.pkl`` files go through an unpickler that admits only plain containers, numbers, strings and numpy arrays;
+everything else through ``torch.load(weights_only=True)`` with the same numpy globals. A refused global raises
+``UnsafeCheckpointError``, a missing, truncated or corrupt file ``CheckpointError``, in one line naming the file.
 """
 
 import _codecs
@@ -141,10 +134,7 @@ def _load_torch(f, name):
 
 
 def load_checkpoint_file(path):
-    """Read a local checkpoint file into a dict without running code from it.
-
-    ``.pkl`` files go through the plain-data unpickler, anything else through ``torch.load(weights_only=True)``.
-    """
+    """A local checkpoint file as a dict, read without running code from it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")

@@ -1,9 +1,7 @@
-"""A small deterministic COCO-format instance-segmentation set: shapes with polygon masks on varied backgrounds.
+"""A small deterministic COCO-format instance-segmentation set of shapes, made in seconds from a seed.
 
-Made in seconds from a seed, so the quickstart and the tests need no download. The names
-`ws_d2_synthetic_train` and `ws_d2_synthetic_val` are registered on `import ws_d2`, with their class names,
-and point at `$WS_D2_DATASETS/ws_d2_synthetic` (default `datasets/ws_d2_synthetic`, relative to the working
-directory, like detectron2's DETECTRON2_DATASETS).
+`ws_d2_synthetic_train` and `_val` are registered on `import ws_d2` at `$WS_D2_DATASETS/ws_d2_synthetic`
+(default `datasets/`, relative to the working directory, like detectron2's DETECTRON2_DATASETS).
 """
 
 import json

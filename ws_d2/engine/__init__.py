@@ -3,12 +3,10 @@ evaluation and safe, atomic checkpoints."""
 
 from .launch import launch, launched_by_torchrun
 from .micro_batch import MicroBatchTrainer, micro_batch_size
-from .moving_speed import MovingSpeedSchedule
 from .trainer import WSTrainer, check_trainable
 
 __all__ = [
     "MicroBatchTrainer",
-    "MovingSpeedSchedule",
     "WSTrainer",
     "check_trainable",
     "launch",

@@ -1,8 +1,7 @@
 """Micro-batch training: one optimizer step accumulates the gradients of SOLVER.ITER_SIZE forward/backward passes.
 
-detectron2 has no gradient accumulation (issues #1117, #1147). Here SOLVER.IMS_PER_BATCH keeps its meaning,
-the images per optimizer step, so the LR schedule, checkpoints, logs and MAX_ITER all count optimizer steps and a
-16-image recipe trains unchanged on one device with ITER_SIZE 8 (2 images per pass).
+SOLVER.IMS_PER_BATCH stays the images per optimizer step, so schedules and logs count steps and a 16-image
+recipe trains unchanged on one device with ITER_SIZE 8.
 """
 
 import contextlib
@@ -13,6 +12,7 @@ from detectron2.engine import SimpleTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
+from ..layers import moving_speed, set_moving_speed
 
 __all__ = ["MicroBatchTrainer", "micro_batch_size"]
 
@@ -40,15 +40,15 @@ class MicroBatchTrainer(SimpleTrainer):
     box losses when every image contributes the same number of sampled RoIs); see docs/TRAINING.md.
     Under DDP the gradient all-reduce runs once per step, on the last micro-batch (`no_sync` before it).
     With a `grad_scaler` the passes run under CUDA autocast (mixed precision), like detectron2's AMPTrainer.
-    With a `moving_speed` schedule (BCN's EstBN, ws_d2.engine.MovingSpeedSchedule) r is set before every
-    forward pass from the number of passes so far, step x iter_size + micro-batch index.
+    With `min_moving_speed` (BCN's EstBN) r is set before every forward pass from the passes so far: one step of
+    ITER_SIZE k moves the estimates as k steps of its micro-batches would.
     """
 
-    def __init__(self, model, data_loader, optimizer, iter_size=1, grad_scaler=None, moving_speed=None):
+    def __init__(self, model, data_loader, optimizer, iter_size=1, grad_scaler=None, min_moving_speed=None):
         super().__init__(model, data_loader, optimizer)
         self.iter_size = iter_size
         self.grad_scaler = grad_scaler
-        self.moving_speed = moving_speed
+        self.min_moving_speed = min_moving_speed
 
     def _forward_backward(self, data):
         autocast = torch.autocast("cuda") if self.grad_scaler is not None else contextlib.nullcontext()
@@ -72,8 +72,9 @@ class MicroBatchTrainer(SimpleTrainer):
             data_time += time.perf_counter() - start
             last = index == self.iter_size - 1
             skip_sync = isinstance(self.model, DistributedDataParallel) and not last
-            if self.moving_speed is not None:
-                self.moving_speed.apply(self.model, self.iter * self.iter_size + index)
+            if self.min_moving_speed is not None:
+                t = self.iter * self.iter_size + index
+                set_moving_speed(self.model, moving_speed(t, self.min_moving_speed))
             with self.model.no_sync() if skip_sync else contextlib.nullcontext():
                 loss_dicts.append(self._forward_backward(data))
         # logged losses are the step's mean over micro-batches, comparable across ITER_SIZE settings

@@ -20,7 +20,6 @@ from ..backports import create_ddp_model
 from ..checkpoint import WSCheckpointer
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
-from .moving_speed import MovingSpeedSchedule
 
 __all__ = ["WSTrainer", "check_trainable"]
 
@@ -55,7 +54,9 @@ class WSTrainer(DefaultTrainer):
             optimizer,
             cfg.SOLVER.ITER_SIZE,
             grad_scaler,
-            moving_speed=MovingSpeedSchedule.from_config(cfg),
+            min_moving_speed=cfg.MODEL.BCN.MIN_MOVING_SPEED
+            if cfg.MODEL.BCN.ENABLED and cfg.MODEL.BCN.ESTIMATE
+            else None,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

@@ -1,4 +1,4 @@
-from .batch_channel_norm import BatchChannelNorm, EstBN, set_moving_speed
+from .batch_channel_norm import BatchChannelNorm, EstBN, moving_speed, set_moving_speed
 from .ws_conv import WS_FORMULAS, WS_MODES, WSConv2d, standardize_weight
 
 __all__ = [
@@ -7,6 +7,7 @@ __all__ = [
     "BatchChannelNorm",
     "EstBN",
     "WSConv2d",
+    "moving_speed",
     "set_moving_speed",
     "standardize_weight",
 ]

@@ -1,16 +1,7 @@
-"""Batch-Channel Normalization (BCN): a per-channel batch step, then a per-sample channel (group) step.
-
-With the numerics of the authors' code (Qiao et al., arXiv:1903.10520; docs/BCN.md):
-
-1. batch step, per channel c with a per-channel affine (gamma_c, beta_c):
-   - ``nn.BatchNorm2d(C)`` (eps 1e-5, momentum 0.1): batch statistics in training, running ones in eval; or
-   - ``EstBN(C)``: ``(x - mu_hat_c) / sqrt(var_hat_c + 1e-5)`` with ESTIMATED statistics in training too;
-2. channel step: group normalization over G groups per sample, no affine (biased variance, eps inside the
-   root): ``F.group_norm(x, G, eps=eps)``;
-3. a per-GROUP affine: weight and bias of shape (1, G, 1), broadcast over each group's C/G x H x W values.
-
-In eval mode neither step looks at other samples of the batch: the output of an image does not depend on
-what it is batched with.
+"""Batch-Channel Normalization (BCN) with the numerics of the authors' code (docs/BCN.md): a per-channel batch
+step (BatchNorm2d, or EstBN: estimated statistics in training too), group normalization over G groups per
+sample without affine, then a per-GROUP affine of shape (1, G, 1). In eval mode an image's output does not
+depend on what it is batched with.
 """
 
 import math
@@ -23,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["BatchChannelNorm", "EstBN", "set_moving_speed"]
+__all__ = ["BatchChannelNorm", "EstBN", "moving_speed", "set_moving_speed"]
 
 
 def _distributed():
@@ -31,23 +22,11 @@ def _distributed():
 
 
 class EstBN(nn.Module):
-    """Per-channel normalization by estimated statistics, then a per-channel affine.
+    """BatchNorm by estimated statistics, in training too, with no gradient through them.
 
-    Every forward, in training too, computes ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``
-    with no gradient through the statistics. Each training forward first updates the estimates, under no_grad,
-    with the moving speed r (the buffer ``estbn_moving_speed``)::
-
-        running_mean <- (1 - r) running_mean + r mean_b(x)
-        running_var  <- (1 - r) running_var  + r mean_b((x - running_mean_old)^2)   (biased, around the OLD mean)
-
-    where mean_b averages over the batch and the spatial positions, and then normalizes with the new
-    estimates (the authors' order). r starts at 0, where the estimates never move: ws_d2's trainer sets it
-    before every forward pass from the configured schedule (``ws_d2.engine.MovingSpeedSchedule``), so it is not
-    saved in checkpoints (``persistent=False``).
-
-    Under torch.distributed the batch moments are summed over all processes before the update (one small
-    all-reduce per forward; every process must run the same forwards), so the estimates stay identical on
-    every rank even with DDP's ``broadcast_buffers=False``. An empty input leaves them unchanged.
+    Each training forward first moves the estimates by r (``estbn_moving_speed``, set by the trainer's
+    schedule, not saved) towards the batch's moments, the variance taken around the OLD mean (the authors'
+    order), summed over all processes so that every rank keeps the same estimates. r = 0 moves nothing.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -92,6 +71,12 @@ class EstBN(nn.Module):
         )
 
 
+def moving_speed(t: int, min_speed: float) -> float:
+    """ws_d2's r for the t-th training forward pass (micro-batch): 1 / (t + 1) makes the estimates the plain
+    average of the batches so far; the floor then makes it a moving average that follows the training weights."""
+    return max(1.0 / (t + 1), min_speed)
+
+
 def set_moving_speed(module: nn.Module, speed: float) -> int:
     """Set r of every EstBN in `module` (for a training loop of one's own); returns how many there are."""
     estimators = [m for m in module.modules() if isinstance(m, EstBN)]
@@ -101,13 +86,8 @@ def set_moving_speed(module: nn.Module, speed: float) -> int:
 
 
 class BatchChannelNorm(nn.Module):
-    """BCN over C channels: batch step (BatchNorm2d, or EstBN with `estimate`), group step without affine,
-    per-group affine of shape (1, G, 1). See the module docstring for the numerics.
-
-    `frozen` (a frozen stage of a backbone) makes the batch step a FrozenBatchNorm2d (fixed statistics, as
-    detectron2's freezing does to a BatchNorm2d; for EstBN these are its estimates, which then stop moving) and
-    turns off the gradients of every parameter. `name` is used in error messages.
-    """
+    """BCN over C channels (module docstring). `frozen` (a frozen backbone stage) fixes the batch step's
+    statistics (FrozenBatchNorm2d, as detectron2 freezes BatchNorm) and every parameter; `name` is for errors."""
 
     def __init__(
         self,

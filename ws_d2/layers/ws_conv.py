@@ -1,16 +1,9 @@
 """Weight-standardized convolution with the numerics of the published GN+WS checkpoints.
 
-Per output channel c of W (O x I/groups x kH x kW):  W_hat = (W - mean_c) / (std_c + eps), with the
-UNBIASED std (N-1) and eps added to the std outside the square root. This is what the authors' code,
-their maskrcnn-benchmark fork and mmcv's ConvWS compute; the paper's Eq. 2 (biased variance, eps inside
-the root) and timm's StdConv2d differ by up to 1e-2 after GN on small-std weights, so they would not
-reproduce the released checkpoints.
-
-The authors' BCN+WS release computes WS differently, W_hat = (W - mean_c) / sqrt(var_c + eps) with the same
-unbiased variance but eps INSIDE the root: `formula="sqrt_var_plus_eps"` reproduces it (docs/BCN.md).
-
-The paper's ablations of WS are `mode`s of the same conv (docs/WS.md#the-papers-ws-variants); the default,
-"standardize", is the published formula above.
+Per output channel of W: W_hat = (W - mean) / (std + eps), with the UNBIASED std and eps outside the root, as
+the authors' code and mmcv's ConvWS compute it (the paper's Eq. 2 and timm's StdConv2d differ by up to 1e-2
+after GN on small-std weights). The authors' BCN+WS release uses (W - mean) / sqrt(var + eps):
+`formula="sqrt_var_plus_eps"`. The paper's ablations of WS are `mode`s of the same conv (docs/WS.md).
 """
 
 import torch
@@ -22,36 +15,22 @@ from ..errors import ConfigError
 
 __all__ = ["WS_FORMULAS", "WS_MODES", "WSConv2d", "standardize_weight"]
 
-# "std_plus_eps": (W - mean) / (std + eps), the GN+WS release (the default);
-# "sqrt_var_plus_eps": (W - mean) / sqrt(var + eps), the BCN+WS release. Both with the unbiased (N-1) variance.
-WS_FORMULAS = ("std_plus_eps", "sqrt_var_plus_eps")
-
-
-# What the conv does to its weight before convolving (the paper's ablations, Sec. 5 and its Table 6):
-# "standardize": W_hat by `formula` (the published WS, the default);
-# "center": W - mean (Eq. 5 alone, "WS+MO");
-# "scale": W / (sqrt(mean(W^2)) + eps) (Eq. 6 alone, no centering, "WS+DO");
-# "standardize_affine": gain * W_hat + bias, one learnable gain and bias per filter ("WS+AF");
-# "weight_norm": gain * W / ||W||, one learnable gain per filter (weight normalization, "WN").
+WS_FORMULAS = ("std_plus_eps", "sqrt_var_plus_eps")  # the GN+WS release's, the BCN+WS release's
+# the paper's Table 6: published WS, W - mean (WS+MO), W / rms (WS+DO), gain * W_hat + bias (WS+AF),
+# gain * W / ||W|| (WN); the last two learn a gain (and bias) per filter
 WS_MODES = ("standardize", "center", "scale", "standardize_affine", "weight_norm")
 _MODE_PARAMETERS = {"standardize_affine": ("ws_gain", "ws_bias"), "weight_norm": ("ws_gain",)}
 
 
-def _check_mode(mode):
-    if mode not in WS_MODES:
-        raise ConfigError(f"unknown WS mode {mode!r}; expected one of {', '.join(WS_MODES)}")
-    return mode
-
-
-def _check_formula(formula):
-    if formula not in WS_FORMULAS:
-        raise ConfigError(f"unknown WS formula {formula!r}; expected one of {', '.join(WS_FORMULAS)}")
-    return formula
+def _checked(value, choices, what):
+    if value not in choices:
+        raise ConfigError(f"unknown WS {what} {value!r}; expected one of {', '.join(choices)}")
+    return value
 
 
 def _standardize_rows(flat, eps, formula="std_plus_eps"):
-    """(W_hat, mean, std, 1 / denominator) per row, in one allocating pass and two reductions. The denominator
-    is std + eps, or sqrt(var + eps) for the "sqrt_var_plus_eps" formula (where `std` is then unused)."""
+    """(W_hat, mean, std, 1 / denominator) per row, in one allocating pass and two reductions (two-pass
+    variance: as accurate as torch.std, and vectorized unlike its Welford loop)."""
     n = flat.shape[1]
     mean = flat.mean(dim=1, keepdim=True)
     w_hat = flat - mean
@@ -84,14 +63,7 @@ def _standardize_rows_backward(grad_w_hat, w_hat, std, inv_denom, formula="std_p
 
 
 class _StandardizeWeight(torch.autograd.Function):
-    """WS with its analytic gradient (the paper's Eq. 8-9 with the N-1 std and eps on the std).
-
-    Written for few passes over the weights (they dominate the cost on the CPU): forward is one
-    allocating subtraction, two reductions and one in-place scale; backward is two reductions and two
-    elementwise passes, far fewer than autograd of the plain formula (`torch.std_mean`'s Welford loop
-    does not vectorize). The variance is taken from the centered values (two-pass), as accurate as
-    `torch.std`. Measurements: docs/WS.md.
-    """
+    """WS with its analytic gradient (the paper's Eq. 8-9): far fewer passes over the weights than autograd."""
 
     @staticmethod
     def forward(ctx, weight, eps, formula):
@@ -111,11 +83,8 @@ class _StandardizeWeight(torch.autograd.Function):
 
 
 class _WSConvolution(torch.autograd.Function):
-    """conv2d(x, WS(W)) that keeps the raw W (not W_hat) for backward and recomputes W_hat there.
-
-    Composing WS and conv2d makes autograd keep W_hat alive from forward to backward: one extra copy
-    of every trainable conv weight. Recomputing W_hat in backward costs one elementwise pass instead.
-    """
+    """conv2d(x, WS(W)) that saves the raw W and recomputes W_hat in backward: composed, autograd would keep
+    W_hat alive, one extra copy of every trainable conv weight, for the price of one elementwise pass."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, formula, stride, padding, dilation, groups):
@@ -162,17 +131,15 @@ def _compute_dtype(weight):
 def standardize_weight(
     weight: torch.Tensor, eps: float = 1e-5, formula: str = "std_plus_eps"
 ) -> torch.Tensor:
-    """Standardize a conv weight per output channel: (W - mean) / (unbiased std + eps), or with
-    `formula="sqrt_var_plus_eps"` (W - mean) / sqrt(unbiased var + eps).
-
-    Statistics are computed in float32 (or float64 for float64 weights) even under autocast, and the
-    result has the weight's dtype.
-    """
+    """W_hat per output channel by `formula`; statistics in float32 (float64 for float64 weights) even under
+    autocast, the result in the weight's dtype."""
     _check_standardizable(
         weight.shape[1:].numel() if weight.dim() > 1 else 0, weight.dtype, tuple(weight.shape)
     )
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        w_hat = _StandardizeWeight.apply(weight.to(_compute_dtype(weight)), eps, _check_formula(formula))
+        w_hat = _StandardizeWeight.apply(
+            weight.to(_compute_dtype(weight)), eps, _checked(formula, WS_FORMULAS, "formula")
+        )
     return w_hat.to(weight.dtype)
 
 
@@ -208,32 +175,20 @@ def _check_standardizable(filter_size, dtype, shape):
 
 
 def conv2d_arguments(conv: Conv2d) -> dict:
-    """The constructor arguments that rebuild `conv` (detectron2 Conv2d or WSConv2d) with its norm and
-    activation, for swapping its class while sharing its parameters."""
+    """The constructor arguments that rebuild `conv` (Conv2d or WSConv2d) with its norm and activation."""
     names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
     arguments = {name: getattr(conv, name) for name in (*names, "padding_mode", "norm", "activation")}
     return {**arguments, "bias": conv.bias is not None}
 
 
 class WSConv2d(Conv2d):
-    """detectron2's Conv2d (conv + optional norm + activation) with a weight-standardized weight.
+    """detectron2's Conv2d (conv + norm + activation) convolving with its standardized weight.
 
-    Same constructor (plus `eps`, `formula`, one of WS_FORMULAS, and `mode`, one of WS_MODES), same
-    parameters and state_dict keys as Conv2d in the default mode: checkpoints store the raw weight and WS is
-    applied on every forward. The "standardize_affine" and "weight_norm" modes add `ws_gain` (and `ws_bias`).
-    In training, WS runs inside the conv's autograd node so that only the raw weight is kept for backward (no
-    extra weight-sized memory).
-
-    When no gradient is needed for the weight (eval under no_grad, or a frozen stage), the per-filter
-    statistics (mean and 1 / (std + eps): the two reductions, most of the cost of WS) are computed once
-    and reused until the weight changes: in place (optimizer step, load_state_dict, `copy_` under
-    no_grad), by `.to()`/`.cuda()`/`.half()`, or by assigning a new Parameter or `.data`. Each forward
-    then applies them in one subtraction and one in-place scale into a temporary that is freed after
-    the conv: bitwise the training forward's W_hat. Caching W_hat itself would keep a second copy of
-    every conv weight alive for a small saving (docs/WS.md).
-
-    Writes through `.data` (`conv.weight.data.copy_(w)`) bypass PyTorch's version counter and cannot
-    be seen: write under `torch.no_grad()` instead, or call `clear_ws_cache()` afterwards.
+    Conv2d's constructor plus `eps`, `formula` (WS_FORMULAS) and `mode` (WS_MODES); Conv2d's parameters and
+    state_dict keys (the "standardize_affine" and "weight_norm" modes add `ws_gain`, `ws_bias`). When the
+    weight needs no gradient (eval, a frozen stage) its per-filter statistics are cached until it changes
+    (in place, `.to()`, a new Parameter): W_hat itself would be a second copy of every weight. Writes through
+    `.data` bypass the version counter: write under `torch.no_grad()` or call `clear_ws_cache()`.
     """
 
     def __init__(
@@ -247,8 +202,8 @@ class WSConv2d(Conv2d):
         super().__init__(*args, **kwargs)
         _check_standardizable(self.weight.shape[1:].numel(), self.weight.dtype, tuple(self.weight.shape))
         self.eps = eps
-        self.formula = _check_formula(formula)
-        self.mode = _check_mode(mode)
+        self.formula = _checked(formula, WS_FORMULAS, "formula")
+        self.mode = _checked(mode, WS_MODES, "mode")
         self._ws_statistics = None
         self._init_mode_parameters(self.weight.device, self.weight.dtype)
 
@@ -262,8 +217,7 @@ class WSConv2d(Conv2d):
     def from_conv2d(
         cls, conv: Conv2d, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize"
     ) -> "WSConv2d":
-        """A WSConv2d sharing `conv`'s parameters, norm and activation (plus its own gain/bias in the
-        modes that have them)."""
+        """A WSConv2d sharing `conv`'s parameters, norm and activation."""
         # conv's parameters replace these just below: allocate nothing for them
         ws = cls(**conv2d_arguments(conv), eps=eps, formula=formula, mode=mode, device="meta")
         ws.weight = conv.weight
@@ -278,8 +232,7 @@ class WSConv2d(Conv2d):
         return super().extra_repr() + f", ws_eps={self.eps}" + formula + mode
 
     def standardized_weight(self) -> torch.Tensor:
-        """The weight the conv convolves with: W_hat of the current weight (or its `mode`'s variant),
-        differentiable when a parameter needs a gradient, else (W_hat) built from the cached statistics."""
+        """The weight the conv convolves with: differentiable when it needs a gradient, else from the cache."""
         weight = self.weight
         if self.mode != "standardize":
             extra = [getattr(self, name) for name in _MODE_PARAMETERS.get(self.mode, ())]
@@ -293,8 +246,7 @@ class WSConv2d(Conv2d):
         return w_hat.view_as(weight).to(weight.dtype)
 
     def ws_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1 / denominator) per output channel, as (out_channels, 1) float32/float64 columns,
-        recomputed only when the weight has changed since the last call."""
+        """(mean, 1 / denominator) per output channel, (out_channels, 1) columns, recomputed when the weight changed."""
         weight = self.weight
         # Any change of the weight's values changes its address, its in-place version counter or its
         # dtype. The cache holds the weight's storage, so its address cannot be reused meanwhile.
@@ -309,8 +261,7 @@ class WSConv2d(Conv2d):
         )
         cache = self._ws_statistics
         if cache is None or cache[0] != key:
-            # Outside inference mode: statistics cached under torch.inference_mode() must stay usable
-            # by a later training forward of a frozen stage, which saves W_hat for backward.
+            # outside inference mode: a later training forward of a frozen stage saves W_hat for backward
             with torch.inference_mode(False), torch.no_grad():
                 with torch.autocast(device_type=weight.device.type, enabled=False):
                     flat = weight.reshape(weight.shape[0], -1).to(_compute_dtype(weight))
@@ -321,8 +272,7 @@ class WSConv2d(Conv2d):
     def clear_ws_cache(self):
         self._ws_statistics = None
 
-    # The key already tells a moved or reloaded weight apart; clearing here also lets go of the old
-    # weight's storage (held by the cache) right away, e.g. the CPU copy after `.cuda()`.
+    # clearing lets go of the old weight's storage (held by the cache) at once, e.g. the CPU copy after .cuda()
     def _apply(self, fn, *args, **kwargs):
         self._ws_statistics = None
         return super()._apply(fn, *args, **kwargs)
@@ -346,8 +296,7 @@ class WSConv2d(Conv2d):
             and not isinstance(self.padding, str)
             and not torch.is_autocast_enabled(x.device.type)
         ):
-            # Training: the memory-lean fused path. Under autocast (or for half weights) the composite
-            # path below keeps the statistics in fp32 and lets autocast cast W_hat for the conv.
+            # the memory-lean fused path; under autocast the composite path keeps the statistics in fp32
             x = _WSConvolution.apply(
                 x,
                 weight,

@@ -12,15 +12,9 @@ __all__ = ["convert_to_ws", "fold_ws", "count_ws_convs"]
 def convert_to_ws(
     module: torch.nn.Module, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize"
 ) -> torch.nn.Module:
-    """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters.
-
-    detectron2's ResNet stem, blocks and shortcuts, FPN lateral/output convs and the conv heads build
-    `Conv2d(..., norm=...)`; the RPN convs, the predictors and the mask deconv carry no norm (or are
-    other classes) and stay plain, as in the published GN+WS models. `formula` is one of
-    `ws_d2.layers.WS_FORMULAS` (by default the GN+WS release's), `mode` one of `ws_d2.layers.WS_MODES` (by
-    default the published WS; the others are the paper's ablations). Returns `module` (changed in place;
-    a `Conv2d` passed directly is returned converted).
-    """
+    """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters, in place;
+    the RPN convs, predictors and mask deconv carry none and stay plain, as in the published GN+WS models.
+    Returns `module` (a `Conv2d` passed directly comes back converted)."""
     if _needs_ws(module):
         return WSConv2d.from_conv2d(module, eps, formula, mode)
     for name, child in module.named_children():
@@ -31,12 +25,8 @@ def convert_to_ws(
 
 
 def fold_ws(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every `WSConv2d` by a plain `Conv2d` holding its standardized weight.
-
-    The outputs are identical and the module needs nothing from ws_d2 any more: its state_dict loads
-    into detectron2's stock GN model of the same config. Batch-Channel Normalization layers stay as they are
-    (detectron2 has none): a folded BCN+WS model still needs ws_d2. Changes `module` in place and returns it.
-    """
+    """Replace every `WSConv2d` by a plain `Conv2d` holding its standardized weight, in place: the same outputs,
+    and a state_dict that detectron2's stock GN model loads (BCN layers stay: detectron2 has none)."""
     if isinstance(module, WSConv2d):
         return _fold_one(module)
     for name, child in module.named_children():
