@@ -7,12 +7,14 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ["WS_D2_CACHE"] = tempfile.mkdtemp(prefix="ws_d2_cache_")  # passed data checks: per test run
 
 import ws_d2  # noqa: E402  (fixes and registration before any detectron2 import)
 from ws_d2.data import generate_synthetic_dataset, register_synthetic_dataset  # noqa: E402

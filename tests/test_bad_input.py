@@ -13,6 +13,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from PIL import Image
 
 import ws_d2
@@ -257,7 +258,7 @@ def test_devices_and_numbers(case, tools, tmp_path, tiny_config, train_data, cap
     assert not (tmp_path / "out" / "last_checkpoint").exists()  # refused before any training
 
 
-# ---- COCO records: checked when the set is registered --------------------------------------------------
+# ---- COCO records: checked when the set is loaded, before any training step --------------------------------
 
 
 def coco_set(root, **change):
@@ -290,26 +291,41 @@ COCO_RECORDS = {  # change to the 2nd record, what the line says
 
 
 @pytest.mark.parametrize("kind", COCO_RECORDS)
-def test_coco_record_refused_at_registration(kind, tmp_path):
+def test_coco_record_refused_when_loaded(kind, tmp_path):
     change, record, reason = COCO_RECORDS[kind]
     json_file, image_root = coco_set(tmp_path, **change)
+    register_coco_dataset(f"bad_coco_{kind}", json_file, image_root)
     with pytest.raises(DatasetError) as refused:
-        register_coco_dataset(f"bad_coco_{kind}", json_file, image_root)
+        DatasetCatalog.get(f"bad_coco_{kind}")
     message = str(refused.value)
     assert "\n" not in message and json_file in message and record in message and reason in message
 
 
-def test_coco_error_before_training_and_orphan_warning(tools, tmp_path, tiny_config, capsys, caplog):
+def test_coco_image_check_is_remembered_per_version(tmp_path):
+    json_file, image_root = coco_set(tmp_path)
+    register_coco_dataset("remembered_coco", json_file, image_root)
+    DatasetCatalog.get("remembered_coco")
+    version = os.stat(image_root).st_mtime_ns
+    os.unlink(os.path.join(image_root, "2.png"))
+    os.utime(image_root, ns=(version, version))  # the same folder version: its passed check is remembered
+    DatasetCatalog.get("remembered_coco")
+    register_coco_dataset("checked_always", json_file, image_root, image_check="always")
+    with pytest.raises(DatasetError, match=r"image id 2 \(.*\): file not found"):
+        DatasetCatalog.get("checked_always")
+    os.utime(
+        image_root, ns=(version + 1, version + 1)
+    )  # a new version (files added or removed): checked again
+    with pytest.raises(DatasetError, match=r"image id 2 \(.*\): file not found"):
+        DatasetCatalog.get("remembered_coco")
+
+
+def test_coco_error_before_training(tools, tmp_path, tiny_config, capsys):
     json_file, image_root = coco_set(tmp_path / "bad", c=("annotation", "category_id", 7))
     argv = ["--config-file", tiny_config, "--coco-dataset", "bad_coco_cli", json_file, image_root]
-    status, err = run(tools["train_net"], [*argv, "OUTPUT_DIR", str(tmp_path / "out")], capsys)
+    opts = ["DATASETS.TRAIN", "('bad_coco_cli',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
+    status, err = run(tools["train_net"], [*argv, *opts], capsys)
     assert_one_line_error(status, err, json_file, "annotation id 12")
-    assert not (tmp_path / "out").exists()  # refused before the run's folder is made
-
-    json_file, image_root = coco_set(tmp_path / "orphans", c=("annotation", "image_id", 99))
-    register_coco_dataset("orphan_coco", json_file, image_root)  # detectron2 ignores them: a warning
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("1 annotations of images the file does not list" in w and "ids 12" in w for w in warnings)
+    assert not list((tmp_path / "out").glob("*.pth"))  # no training step ran
 
 
 # ---- the library: WS arguments that give NaN, config keys ----------------------------------------------

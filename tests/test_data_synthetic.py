@@ -67,11 +67,14 @@ def test_checks_name_the_problem(tmp_path):
     json_file, image_dir = generate_synthetic_dataset(tmp_path, {"val": 2}, image_size=64)["val"]
     register_coco_dataset("checked_val", json_file, image_dir)
     cfg.DATASETS.TRAIN = ("checked_val",)
+    check_datasets(cfg)  # its classes are not known before it is loaded: nothing is parsed to register it
+    DatasetCatalog.get("checked_val")
     with pytest.raises(DatasetError, match="has 3 categories but MODEL.ROI_HEADS.NUM_CLASSES is 80"):
         check_datasets(cfg)
     (tmp_path / "broken.json").write_text("{not json")
+    register_coco_dataset("broken", str(tmp_path / "broken.json"), image_dir)
     with pytest.raises(DatasetError, match="is not a JSON file"):
-        register_coco_dataset("broken", str(tmp_path / "broken.json"), image_dir)
+        DatasetCatalog.get("broken")
 
 
 def test_an_unlisted_split_has_the_same_files_in_every_process(tmp_path):

@@ -1,73 +1,157 @@
-"""COCO-format data sets registered with checks, so bad input fails early with one clear line.
+"""COCO-format data sets whose records are checked before any training step, at the cost of a plain load.
 
-detectron2's `register_coco_instances` defers every check to the first time the data is loaded, deep
-inside the data loader; here the file, its structure and its categories are checked when the data set is
-registered or when a config is about to use it.
+Registering parses nothing. Loading (`DatasetCatalog.get`, in each process that trains or evaluates) parses
+the file once, with detectron2's `load_coco_json`, and checks every record it gives: image files present,
+non-empty, readable and of the recorded size (headers only, in parallel threads, each process its share),
+boxes of non-negative size, categories known. A bad record raises DatasetError in one line naming it. A passed
+image check is remembered per data set version (the JSON's and the image folder's path, size and mtime), so a
+repeated or resumed run does not open the images again.
 """
 
+import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
+from detectron2.utils import comm
 from PIL import Image
 
-from ..errors import DatasetError, one_line
+from ..errors import ConfigError, DatasetError, one_line
+from ..files import atomic_write
 
-__all__ = ["check_coco_records", "check_datasets", "read_coco_categories", "register_coco_dataset"]
+__all__ = ["IMAGE_CHECKS", "check_datasets", "load_checked_coco", "register_coco_dataset"]
 
-COCO_KEYS = ("images", "annotations", "categories")
+IMAGE_CHECKS = ("once", "always", "never")  # once: per data set version; never: trust the files
 EXIF_ORIENTATION = 0x0112
 logger = logging.getLogger(__name__)
 
 
-def read_coco_categories(json_file):
-    """The class names of a COCO instances file, in detectron2's order (sorted by category id)."""
-    return _category_names(json_file, _read_coco(json_file))
-
-
-def _read_coco(json_file):
+def register_coco_dataset(name, json_file, image_root, image_check="once"):
+    """Register a COCO-format instances set under `name`, loaded by `load_checked_coco`."""
+    if image_check not in IMAGE_CHECKS:
+        raise ConfigError(f"image check {image_check!r}: not one of {', '.join(IMAGE_CHECKS)}")
     if not os.path.isfile(json_file):
         raise DatasetError(f"data set file not found: {json_file}")
-    try:
-        with open(json_file) as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{json_file} is not a JSON file ({e})") from None
-    missing = [key for key in COCO_KEYS if not isinstance(content, dict) or key not in content]
-    if missing:
-        raise DatasetError(f"{json_file} is not a COCO instances file: it lacks {', '.join(missing)}")
-    return content
-
-
-def _category_names(json_file, content):
-    try:
-        categories = sorted(content["categories"], key=lambda c: c["id"])
-        return [c["name"] for c in categories]
-    except (TypeError, KeyError):
-        raise DatasetError(f"{json_file}: every COCO category needs an 'id' and a 'name'") from None
-
-
-def register_coco_dataset(name, json_file, image_root):
-    """Register a COCO-format instances set under `name` after checking it (detectron2 loads it lazily)."""
     if not os.path.isdir(image_root):
         raise DatasetError(f"image directory of data set '{name}' not found: {image_root}")
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
-            return list(meta.thing_classes)  # the same registration again (e.g. checked by the launcher)
+            return  # the same registration again (the launcher's and a worker's)
         raise DatasetError(f"data set name '{name}' is already registered; choose another name")
-    content = _read_coco(json_file)
-    classes = _category_names(json_file, content)
-    check_coco_records(json_file, image_root, content)
-    register_coco_instances(name, {"thing_classes": classes}, json_file, image_root)
-    return classes
+    DatasetCatalog.register(name, lambda: load_checked_coco(json_file, image_root, name, image_check))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
+def load_checked_coco(json_file, image_root, name=None, image_check="once"):
+    """detectron2's `load_coco_json` (annotation ids kept), with every record checked (module docstring)."""
+    try:
+        dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{json_file} is not a JSON file ({e})") from None
+    except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
+        raise _named_record_error(json_file, e) from None
+    for record in dicts:
+        for annotation in record.get("annotations", ()):
+            box = annotation.get("bbox")
+            if box is not None and (len(box) != 4 or box[2] < 0 or box[3] < 0):
+                raise DatasetError(
+                    f"{json_file}: annotation id {annotation.get('id')} (image id {record['image_id']}): bbox "
+                    f"{box} is not [x, y, width, height] with width, height >= 0"
+                )
+    if image_check != "never":
+        _check_images(json_file, image_root, name, dicts, image_check == "always")
+    return dicts
+
+
+def _check_images(json_file, image_root, name, dicts, always):
+    """Check this process's share of the image files, unless a passed check of this version is remembered."""
+    rank, world = comm.get_rank(), comm.get_world_size()
+    markers = [_marker(json_file, image_root, 0, 1), _marker(json_file, image_root, rank, world)]
+    if not always and any(os.path.isfile(m) for m in markers):
+        return
+    share = dicts[rank::world]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # header reads wait on the file system, not the CPU
+        problems = pool.map(lambda record: _image_problem(json_file, record), share)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise DatasetError(problem)
+    classes = MetadataCatalog.get(name).get("thing_classes") if name else None
+    os.makedirs(os.path.dirname(markers[1]), exist_ok=True)
+    with atomic_write(markers[1], "w") as f:
+        json.dump({"json_file": json_file, "images": len(share), "thing_classes": classes}, f)
+
+
+def _image_problem(json_file, record):
+    """None, or the line that names what is wrong with a record's image file."""
+    path = record["file_name"]
+    where = f"{json_file}: image id {record['image_id']} ({path})"
+    try:
+        if os.path.getsize(path) == 0:
+            return f"{where}: empty file (0 bytes)"
+        with Image.open(path) as opened:  # reads the header only
+            width, height = opened.size
+            # EXIF only where the file has it: detectron2 shows an image rotated by its orientation
+            if "exif" in opened.info and opened.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
+    except FileNotFoundError:
+        return f"{where}: file not found"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{where}: not a readable image ({one_line(e)})"
+    expected = (record.get("width"), record.get("height"))
+    if None not in expected and expected != (width, height):
+        return f"{where}: the file is {width}x{height} but the record says {expected[0]}x{expected[1]}"
+    return None
+
+
+def _remembered_classes(json_file, image_root):
+    """The class names a passed check of this data set version recorded, if any (before anything is parsed)."""
+    marker = _marker(json_file, image_root, 0, 1)
+    folder, prefix = os.path.dirname(marker), os.path.basename(marker).split("-")[0]
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        if entry.startswith(prefix):
+            with open(os.path.join(folder, entry)) as f:
+                return json.load(f).get("thing_classes")
+    return None
+
+
+def _marker(json_file, image_root, rank, world):
+    """The file that remembers a passed image check of this data set version (share `rank` of `world`)."""
+    stat, folder = os.stat(json_file), os.stat(image_root)
+    # a folder's mtime changes when a file is added, removed or renamed in it
+    identity = [os.path.realpath(json_file), stat.st_size, stat.st_mtime_ns, os.path.realpath(image_root)]
+    identity.append(folder.st_mtime_ns)
+    key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()
+    cache = os.environ.get("WS_D2_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ws_d2"))
+    return os.path.join(cache, "checked_images", f"{key}-{rank}of{world}.json")
+
+
+def _named_record_error(json_file, error):
+    """What load_coco_json refused, in one line naming the record: the file is read again to find it."""
+    try:
+        with open(json_file) as f:
+            content = json.load(f)
+        missing = [key for key in ("images", "annotations", "categories") if key not in content]
+        if missing:
+            return DatasetError(f"{json_file} is not a COCO instances file: it lacks {', '.join(missing)}")
+        category_ids = {c["id"] for c in content["categories"]}
+        for annotation in content["annotations"]:
+            if annotation.get("category_id") not in category_ids:
+                return DatasetError(
+                    f"{json_file}: annotation id {annotation.get('id')} (image id {annotation.get('image_id')}): "
+                    f"category_id {annotation.get('category_id')} is not in 'categories'"
+                )
+    except (KeyError, TypeError, AttributeError):
+        pass
+    return DatasetError(f"{json_file}: a record lacks a field or has a wrong type ({one_line(error)})")
 
 
 def check_datasets(cfg, train=True):
     """Check that every data set the config uses (TEST, and TRAIN if `train`) is registered, present on disk
-    and has MODEL.ROI_HEADS.NUM_CLASSES classes."""
+    and, once its classes are known (set when it is loaded), has MODEL.ROI_HEADS.NUM_CLASSES of them."""
     for name in (*(cfg.DATASETS.TRAIN if train else ()), *cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
             raise DatasetError(
@@ -79,64 +163,10 @@ def check_datasets(cfg, train=True):
                 hint = meta.get("missing_hint", "check DETECTRON2_DATASETS or the registered path")
                 raise DatasetError(f"data set '{name}': {path} not found ({hint})")
         classes = meta.get("thing_classes")
-        if classes is None and meta.get("json_file"):
-            classes = read_coco_categories(meta.json_file)
+        if classes is None and meta.get("json_file") and os.path.isdir(meta.get("image_root", "")):
+            classes = _remembered_classes(meta.json_file, meta.image_root)
         if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise DatasetError(
                 f"data set '{name}' has {len(classes)} categories but MODEL.ROI_HEADS.NUM_CLASSES is "
                 f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
             )
-
-
-def check_coco_records(json_file, image_root, content):
-    """Check a COCO instances file's records before any training: every image file exists, is not empty
-    and has the size its record gives (read from the file header); every annotation has a known category
-    and a box of non-negative width and height. Raises DatasetError naming the file and the record;
-    annotations of an image the file does not list (detectron2 ignores them) are a counted warning."""
-    try:
-        category_ids = {c["id"] for c in content["categories"]}
-        images = {image["id"]: image for image in content["images"]}
-        for image in images.values():
-            _check_image_record(json_file, image_root, image)
-        orphans = []
-        for annotation in content["annotations"]:
-            record = f"{json_file}: annotation id {annotation.get('id')} (image id {annotation['image_id']})"
-            if annotation["image_id"] not in images:
-                orphans.append(str(annotation.get("id")))
-            if annotation.get("category_id") not in category_ids:
-                raise DatasetError(
-                    f"{record}: category_id {annotation.get('category_id')} is not in 'categories'"
-                )
-            box = annotation.get("bbox")
-            if box is not None and (len(box) != 4 or box[2] < 0 or box[3] < 0):
-                raise DatasetError(
-                    f"{record}: bbox {box} is not [x, y, width, height] with width, height >= 0"
-                )
-    except (KeyError, TypeError) as e:
-        raise DatasetError(f"{json_file}: a record lacks a field or has a wrong type ({e!r})") from None
-    if orphans:
-        logger.warning(
-            "%s: %d annotations of images the file does not list are ignored (ids %s%s)",
-            json_file, len(orphans), ", ".join(orphans[:5]), ", ..." if len(orphans) > 5 else "",
-        )  # fmt: skip
-
-
-def _check_image_record(json_file, image_root, image):
-    path = os.path.join(image_root, image["file_name"])
-    record = f"{json_file}: image id {image['id']} ({path})"
-    if not os.path.isfile(path):
-        raise DatasetError(f"{record}: file not found")
-    if os.path.getsize(path) == 0:
-        raise DatasetError(f"{record}: empty file (0 bytes)")
-    try:
-        with Image.open(path) as opened:  # reads the header only
-            width, height = opened.size
-            if opened.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # shown rotated by 90 degrees
-                width, height = height, width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{record}: not a readable image ({one_line(e)})") from None
-    expected = (image.get("width"), image.get("height"))
-    if None not in expected and expected != (width, height):
-        raise DatasetError(
-            f"{record}: the file is {width}x{height} but the record says {expected[0]}x{expected[1]}"
-        )

@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..backports import create_ddp_model
 from ..checkpoint import WSCheckpointer
+from ..data import check_datasets
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
 
@@ -71,7 +72,15 @@ class WSTrainer(DefaultTrainer):
         micro_cfg = cfg.clone()
         micro_cfg.defrost()
         micro_cfg.SOLVER.IMS_PER_BATCH = micro_batch_size(cfg, comm.get_world_size()) * comm.get_world_size()
-        return super().build_train_loader(micro_cfg)
+        loader = super().build_train_loader(micro_cfg)
+        check_datasets(cfg)  # a COCO set's classes are known once it is loaded
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        loader = super().build_test_loader(cfg, dataset_name)
+        check_datasets(cfg, train=False)
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
