@@ -1,9 +1,5 @@
-"""ws_d2's exceptions and the one-line error every tool prints.
-
-Each exception's message is one line that names the file, key or value at fault. Tools exit 0 on
-success, 1 when an input is refused or a step fails (a `WSD2Error` or an `OSError`), and 2 on a
-usage error (argparse's own exit).
-"""
+"""ws_d2's exceptions, each a one-line message naming the file, key or value at fault, and the one-line error
+every tool prints: exit 0 on success, 1 when an input is refused or a step fails, 2 on a usage error."""
 
 import functools
 import sys

@@ -1,14 +1,7 @@
-"""WSCheckpointer: detectron2's DetectionCheckpointer that reads files safely and saves atomically.
-
-- Reading: detectron2 unpickles ``.pkl`` files with plain ``pickle.load`` (a crafted file runs code); here every
-  file goes through ``load_checkpoint_file`` (plain data only), then DetectionCheckpointer's rules for what it
-  read (Detectron ``.pkl`` blobs, pycls ``.pyth``, a bare state_dict).
-- A URL is downloaded once into detectron2's file cache (iopath renames a download into place only when it is
-  complete); a cached copy that fails to load is deleted, so the next load fetches it again.
-- A file in a published layout (``layouts.SOURCES``) is converted in memory for the model.
-- Saving: fvcore writes the checkpoint and ``last_checkpoint`` in place, so a kill mid-save leaves a truncated
-  file; here every write goes to a temporary file renamed over the target.
-"""
+"""WSCheckpointer: detectron2's DetectionCheckpointer that reads files safely (detectron2 unpickles .pkl files
+with plain pickle.load: a crafted file runs code) and saves atomically (fvcore writes in place: a kill mid-save
+leaves a truncated file). A URL is downloaded once into detectron2's file cache; a file in a published layout is
+converted in memory for the model."""
 
 import contextlib
 import os

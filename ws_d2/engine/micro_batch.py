@@ -33,12 +33,8 @@ def micro_batch_size(cfg, world_size):
 
 
 class MicroBatchTrainer(SimpleTrainer):
-    """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size.
-
-    The accumulated gradient is the mean of the micro-batch gradients. That equals the one-big-batch gradient
-    exactly when each micro-batch's loss normalizer is proportional to its number of images (RPN losses, and
-    box losses when every image contributes the same number of sampled RoIs); see docs/TRAINING.md.
-    Under DDP the gradient all-reduce runs once per step, on the last micro-batch (`no_sync` before it).
+    """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size: the big batch's
+    gradient where each loss normalizer counts images (docs/TRAINING.md). Under DDP it all-reduces once a step.
     With a `grad_scaler` the passes run under CUDA autocast (mixed precision), like detectron2's AMPTrainer.
     With `min_moving_speed` (BCN's EstBN) r is set before every forward pass from the passes so far: one step of
     ITER_SIZE k moves the estimates as k steps of its micro-batches would.

@@ -1,10 +1,5 @@
-"""ws_d2's model zoo, with detectron2's model-zoo API and names.
-
-The configs are found inside the installed package (copied there at build time by setup.py) or, in a source
-checkout, in its top-level `configs/` folder. `trained=True` points MODEL.WEIGHTS at MMDetection's published
-detector for the config (`published.py`); WSCheckpointer downloads it once into detectron2's file cache and
-converts it in memory.
-"""
+"""ws_d2's model zoo, with detectron2's model-zoo API: configs from the installed package (copied at build time)
+or a checkout's `configs/`; published weights by URL (`published.py`), downloaded once and converted on load."""
 
 import os
 from pathlib import Path

@@ -1,9 +1,5 @@
-"""GN+WS (and BCN+WS) ResNet/ResNeXt backbones: detectron2's own builders with WS put on the normalized convs.
-
-Depth (R-18/34/50/101/152), ResNeXt groups and width, norm, stride placement and freezing all come
-from detectron2's usual MODEL.RESNETS / MODEL.FPN keys; MODEL.WS.ENABLED False gives the GN twin, and
-MODEL.BCN.ENABLED True turns every GroupNorm into Batch-Channel Normalization.
-"""
+"""GN+WS (and BCN+WS) ResNet/ResNeXt backbones: detectron2's own builders (MODEL.RESNETS / MODEL.FPN keys), with WS
+put on the normalized convs and, with MODEL.BCN.ENABLED, BCN in place of every GroupNorm."""
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY

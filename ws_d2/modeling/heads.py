@@ -1,9 +1,5 @@
-"""GN+WS (and BCN+WS) RoI heads: detectron2's 4conv1fc box head and mask head with WS on their normalized convs.
-
-Subclasses (not copies) of detectron2's heads, registered under new names; the fc layers, the box
-predictor, the mask deconv and the mask predictor stay plain. With MODEL.BCN.ENABLED their GroupNorms
-become Batch-Channel Normalization.
-"""
+"""GN+WS (and BCN+WS) RoI heads: subclasses of detectron2's 4conv1fc box head and mask head with WS on their
+normalized convs (the fc layers, predictors and mask deconv stay plain) and, with MODEL.BCN.ENABLED, BCN."""
 
 from typing import Optional
 
