@@ -63,11 +63,11 @@ def load_checked_coco(json_file, image_root, name=None, image_check="once"):
                     f"{box} is not [x, y, width, height] with width, height >= 0"
                 )
     if image_check != "never":
-        _check_images(json_file, image_root, name, dicts, image_check == "always")
+        _check_images(json_file, image_root, dicts, image_check == "always")
     return dicts
 
 
-def _check_images(json_file, image_root, name, dicts, always):
+def _check_images(json_file, image_root, dicts, always):
     """Check this process's share of the image files, unless a passed check of this version is remembered."""
     rank, world = comm.get_rank(), comm.get_world_size()
     markers = [_marker(json_file, image_root, 0, 1), _marker(json_file, image_root, rank, world)]
@@ -79,10 +79,9 @@ def _check_images(json_file, image_root, name, dicts, always):
         problem = next((p for p in problems if p), None)
     if problem:
         raise DatasetError(problem)
-    classes = MetadataCatalog.get(name).get("thing_classes") if name else None
     os.makedirs(os.path.dirname(markers[1]), exist_ok=True)
     with atomic_write(markers[1], "w") as f:
-        json.dump({"json_file": json_file, "images": len(share), "thing_classes": classes}, f)
+        json.dump({"json_file": json_file, "image_root": image_root, "images": len(share)}, f)
 
 
 def _image_problem(json_file, record):
@@ -104,17 +103,6 @@ def _image_problem(json_file, record):
     expected = (record.get("width"), record.get("height"))
     if None not in expected and expected != (width, height):
         return f"{where}: the file is {width}x{height} but the record says {expected[0]}x{expected[1]}"
-    return None
-
-
-def _remembered_classes(json_file, image_root):
-    """The class names a passed check of this data set version recorded, if any (before anything is parsed)."""
-    marker = _marker(json_file, image_root, 0, 1)
-    folder, prefix = os.path.dirname(marker), os.path.basename(marker).split("-")[0]
-    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-        if entry.startswith(prefix):
-            with open(os.path.join(folder, entry)) as f:
-                return json.load(f).get("thing_classes")
     return None
 
 
@@ -163,8 +151,6 @@ def check_datasets(cfg, train=True):
                 hint = meta.get("missing_hint", "check DETECTRON2_DATASETS or the registered path")
                 raise DatasetError(f"data set '{name}': {path} not found ({hint})")
         classes = meta.get("thing_classes")
-        if classes is None and meta.get("json_file") and os.path.isdir(meta.get("image_root", "")):
-            classes = _remembered_classes(meta.json_file, meta.image_root)
         if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise DatasetError(
                 f"data set '{name}' has {len(classes)} categories but MODEL.ROI_HEADS.NUM_CLASSES is "
