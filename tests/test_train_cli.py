@@ -53,9 +53,12 @@ def test_missing_and_malformed_dataset_files(train_net, capsys, tmp_path, tiny_c
     not_coco = tmp_path / "not_coco.json"
     not_coco.write_text(json.dumps({"images": []}))
     bad = ["--coco-dataset", "bad", str(not_coco), str(root / "val"), "--config-file", tiny_config]
-    assert "is not a COCO instances file: it lacks annotations, categories" in cli_error(
-        train_net, capsys, bad
-    )
+    bad += ["DATASETS.TRAIN", "('bad',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
+    assert train_net.run(bad) == 1  # found when the set is loaded, after the run's logging has begun
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error:" in line] == [
+        f"train_net: error: {not_coco} is not a COCO instances file: it lacks annotations, categories"
+    ]
 
 
 def test_missing_config_file_and_weights(train_net, capsys, tmp_path, tiny_config, tiny_data):
