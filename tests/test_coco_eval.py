@@ -11,7 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 from pycocotools.coco import COCO
 
-from ws_d2 import backports
+from ws_d2 import compat
 
 SIZE = 128  # room for small, medium and large objects (COCO's area ranges: 32^2, 96^2 pixels)
 
@@ -112,7 +112,7 @@ def _figures(ground_truth, results, iou_type, use_fast_impl):
     return np.asarray(evaluation.stats[:12], dtype=np.float64), np.asarray(per_category), type(evaluation)
 
 
-@pytest.mark.skipif(backports.HAS_COMPILED_OPS, reason="detectron2's compiled COCOeval is the fast path")
+@pytest.mark.skipif(compat.HAS_COMPILED_OPS, reason="detectron2's compiled COCOeval is the fast path")
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_fast_path_is_faster_coco_eval_with_pycocotools_figures(iou_type):
     from faster_coco_eval import COCOeval_faster
