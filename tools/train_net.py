@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
+import ws_d2  # first: it patches what an older detectron2 needs before detectron2 is imported
 
 # isort: split
 import torch
@@ -123,15 +123,19 @@ def run(argv=None):
     if args.num_cpu_procs < 0 or args.num_gpus < 0:
         parser.error("--num-cpu-procs and --num-gpus must be >= 0")
     check(args)
-    launch(
-        main,
-        args.num_cpu_procs or args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        use_cuda=not args.num_cpu_procs and torch.cuda.is_available(),
-    )
+    try:
+        launch(
+            main,
+            args.num_cpu_procs or args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            use_cuda=not args.num_cpu_procs and torch.cuda.is_available(),
+        )
+    except ChildProcessError as e:  # a worker died
+        hint = "" if args.eval_only else ": --resume continues the run from its last checkpoint"
+        raise ChildProcessError(f"{e}{hint}") from None
     return 0
 
 

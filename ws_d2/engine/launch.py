@@ -5,7 +5,8 @@
   `ws_d2.compat.launch_on_cpu`.
 - torchrun / SLURM / Kubernetes / elastic: when the env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
   MASTER_PORT) are set, this process is one worker already: it joins the group from them and runs `main_func`.
-In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual.
+In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual. A worker that
+dies (a signal, a nonzero exit) stops the others and ends `launch` in a ChildProcessError that names it.
 """
 
 import os
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
 from .. import compat
 
@@ -80,5 +82,9 @@ def launch(
                 raise ValueError("several machines need an explicit dist_url reachable by all of them")
             dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     hide_gpus = {} if use_cuda else {"CUDA_VISIBLE_DEVICES": ""}  # CPU workers see none, also where there are
-    with mock.patch.dict(os.environ, hide_gpus):
-        launcher(main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+    try:
+        with mock.patch.dict(os.environ, hide_gpus):
+            launcher(main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+    except ProcessExitedException as e:  # the other workers are stopped by then
+        how = f"killed by signal {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        raise ChildProcessError(f"worker {e.error_index} (pid {e.error_pid}) was {how}") from None
