@@ -1,9 +1,9 @@
 """What older detectron2 builds need on today's libraries: above all the v0.6 PyPI drop, without compiled ops.
 
 Each patch checks the installed detectron2 for the feature (never a version number), reaches only the
-detectron2 modules that need it, and does nothing on a build that has it (detectron2 main needs only the
-pkg_resources stand-in and the two warning filters). `import ws_d2` runs `apply_all()`; each patch names the
-upstream change that retires it, so retiring one is deleting its function.
+detectron2 modules that need it, and does nothing on a build that has it: detectron2 main with its compiled ops
+needs only the pkg_resources stand-in and the meshgrid filter. `import ws_d2` runs `apply_all()`; each patch
+names the upstream change that retires it, so retiring one is deleting its function.
 """
 
 import builtins
