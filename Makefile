@@ -1,5 +1,6 @@
 # ws_d2's entry points. Every target sets up the environment it needs (`.venv`, see tools/setup_env.py).
 # Use an existing interpreter (e.g. with a full detectron2 build) instead of .venv: make test PYTHON=/path/to/python
+# The suite against another detectron2 in front of the environment's: make test-d2main D2_DIR=/dir/holding/detectron2
 VENV := .venv
 ifdef PYTHON
 ENV_STAMP := .env-$(subst /,_,$(PYTHON)).stamp
@@ -10,7 +11,12 @@ ENV_STAMP := $(VENV)/.ws_d2-setup.stamp
 SETUP_ARGS := --venv $(VENV)
 endif
 
-.PHONY: env test test-quick lint format quickstart benchmark clean
+.PHONY: env test test-quick test-d2main lint format quickstart benchmark clean
+
+# test-d2main: D2_DIR holds a `detectron2` package (e.g. a source checkout built in place); when it has none,
+# detectron2 main is built there with its compiled ops (~2 min on 2 cores) from D2_SRC
+D2_SRC ?= ../shared/detectron2-main-02b5c4e2.tar.gz
+D2_DIR ?= $(or $(TMPDIR),/tmp)/ws_d2-detectron2-main
 
 env: $(ENV_STAMP)
 
@@ -28,6 +34,12 @@ format: env
 
 test: env lint
 	$(PYTHON) -m pytest -q tests
+
+test-d2main: env
+	test -d $(D2_DIR)/detectron2 || { test -f $(D2_SRC) || { echo "no detectron2 in $(D2_DIR), no $(D2_SRC)" >&2; \
+		exit 1; }; MAX_JOBS=2 $(PYTHON) -m pip install -q --no-build-isolation --no-deps --target $(D2_DIR) $(D2_SRC); }
+	PYTHONPATH=$(D2_DIR):$(CURDIR) $(PYTHON) -c "import detectron2; print('detectron2 from', detectron2.__path__[0])"
+	PYTHONPATH=$(D2_DIR):$(CURDIR) $(PYTHON) -m pytest -q tests
 
 test-quick: env
 	$(PYTHON) -m pytest -q -m "not slow" tests

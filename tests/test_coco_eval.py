@@ -11,7 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 from pycocotools.coco import COCO
 
-from ws_d2 import backports
+from ws_d2 import compat
 
 SIZE = 128  # room for small, medium and large objects (COCO's area ranges: 32^2, 96^2 pixels)
 
@@ -86,13 +86,19 @@ def _synthetic_set(crowd=True, seed=0):
 
 
 def _figures(ground_truth, results, iou_type, use_fast_impl):
-    """The 12 summary figures (AP and AR), then per category: AP, AP50, AP75 and AR at 100 detections."""
-    from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
+    """The 12 summary figures (AP and AR), then per category: AP, AP50, AP75 and AR at 100 detections, from the
+    COCOeval that COCOEvaluator calls: the fast slot (`coco_evaluation.COCOeval_opt`) or pycocotools'."""
+    from detectron2.evaluation import coco_evaluation
+    from pycocotools.cocoeval import COCOeval
 
+    if iou_type == "segm":  # as COCOEvaluator does: mask areas, not box areas, make small/medium/large
+        results = [{key: value for key, value in r.items() if key != "bbox"} for r in results]
+    coco_eval = coco_evaluation.COCOeval_opt if use_fast_impl else COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluation = _evaluate_predictions_on_coco(
-            ground_truth, copy.deepcopy(results), iou_type, use_fast_impl=use_fast_impl
-        )
+        evaluation = coco_eval(ground_truth, ground_truth.loadRes(copy.deepcopy(results)), iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
     precision = np.asarray(evaluation.eval["precision"], dtype=np.float64)  # T x R x K x area x maxDets
     recall = np.asarray(evaluation.eval["recall"], dtype=np.float64)  # T x K x area x maxDets
 
@@ -112,7 +118,7 @@ def _figures(ground_truth, results, iou_type, use_fast_impl):
     return np.asarray(evaluation.stats[:12], dtype=np.float64), np.asarray(per_category), type(evaluation)
 
 
-@pytest.mark.skipif(backports.HAS_COMPILED_OPS, reason="detectron2's compiled COCOeval is the fast path")
+@pytest.mark.skipif(compat.HAS_COMPILED_OPS, reason="detectron2's compiled COCOeval is the fast path")
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_fast_path_is_faster_coco_eval_with_pycocotools_figures(iou_type):
     from faster_coco_eval import COCOeval_faster

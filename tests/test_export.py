@@ -114,7 +114,7 @@ def test_stock_config_refuses_ws_component_without_stock_twin(tiny_cfg):
 
 
 # Runs with detectron2 alone. detectron2 v0.6 does not import on today's numpy/Pillow without ws_d2's
-# fixes, so ws_d2/backports.py (and the errors module it imports) is loaded from its file as a module of
+# fixes, so ws_d2/compat.py (and the errors module it imports) is loaded from its file as a module of
 # another package: the ws_d2 package itself is never imported.
 STOCK_DEPLOYMENT_SCRIPT = textwrap.dedent(
     """
@@ -123,7 +123,7 @@ STOCK_DEPLOYMENT_SCRIPT = textwrap.dedent(
     fixes_package = types.ModuleType("detectron2_fixes")
     fixes_package.__path__ = [sys.argv[1]]
     sys.modules["detectron2_fixes"] = fixes_package
-    importlib.import_module("detectron2_fixes.backports").apply_all()
+    importlib.import_module("detectron2_fixes.compat").apply_all()
 
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultPredictor

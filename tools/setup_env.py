@@ -10,7 +10,7 @@ detectron2 on PyPI is `pb1-detectron2==0.6`, an sdist of v0.6's Python sources w
 its setup.py imports torch at build time and tries to compile the missing C++ files. We download the
 sdist, empty its extension list, install its bundled model-zoo YAMLs as package data, and install it
 with --no-deps, without the requirements only caffe2 and its formatter need (future, pydot, black).
-ws_d2/backports.py fills in what the missing `detectron2._C` and today's libraries take away.
+ws_d2/compat.py fills in what the missing `detectron2._C` and today's libraries take away.
 """
 
 import argparse

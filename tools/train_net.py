@@ -3,19 +3,21 @@
 
   --coco-dataset NAME JSON IMAGE_DIR   register a COCO-format instances set (repeatable; before KEY VALUE opts),
                                        then use it: DATASETS.TRAIN "('NAME',)" DATASETS.TEST "('NAME',)"
+  --image-check once|always|never      the image-file check of those sets (default: once per data set version)
   --num-cpu-procs N                    N data-parallel processes on the CPU (Gloo) instead of GPUs
   SOLVER.ITER_SIZE K                   K micro-batches per optimizer step (IMS_PER_BATCH images per step)
 
 Under torchrun (env:// variables set) the process counts come from torchrun. Bad input (unknown config key,
-missing or malformed data set, wrong NUM_CLASSES, a batch that does not divide, missing weights) is refused in
-one line before any worker starts. Exit status: 0 done, 1 refused or failed, 2 usage error.
+missing data set, a batch that does not divide, missing weights) is refused in one line before any worker
+starts; a data set's bad records or wrong NUM_CLASSES when it is loaded, before any training step.
+Exit status: 0 done, 1 refused or failed, 2 usage error.
 """
 
 import argparse
 import os
 import sys
 
-import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
+import ws_d2  # first: it patches what an older detectron2 needs before detectron2 is imported
 
 # isort: split
 import torch
@@ -23,8 +25,8 @@ from detectron2.engine import default_argument_parser, default_setup
 
 from ws_d2.checkpoint import WSCheckpointer, load_checkpoint_file
 from ws_d2.config import check_device
-from ws_d2.data import check_datasets, register_coco_dataset
-from ws_d2.engine import WSTrainer, check_trainable, launch, launched_by_torchrun
+from ws_d2.data import IMAGE_CHECKS, check_datasets, register_coco_dataset
+from ws_d2.engine import WorkerDied, WSTrainer, check_trainable, launch, launched_by_torchrun
 from ws_d2.errors import ConfigError, command_line
 
 
@@ -33,6 +35,8 @@ def get_parser():
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--coco-dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"),
                         help="register a COCO-format instances data set under NAME (repeatable)")  # fmt: skip
+    parser.add_argument("--image-check", choices=IMAGE_CHECKS, default="once",
+                        help="check the --coco-dataset image files once per data set version, always, or never")  # fmt: skip
     parser.add_argument("--num-cpu-procs", type=int, default=0, metavar="N",
                         help="train with N processes per machine on the CPU (Gloo backend); overrides --num-gpus")  # fmt: skip
     return parser
@@ -41,7 +45,7 @@ def get_parser():
 def setup(args):
     """The frozen config: ws_d2's defaults, the config file, the KEY VALUE overrides."""
     for name, json_file, image_dir in args.coco_dataset:
-        register_coco_dataset(name, json_file, image_dir)
+        register_coco_dataset(name, json_file, image_dir, args.image_check)
     cfg = ws_d2.load_config(args.config_file, args.opts, freeze=False)
     if args.num_cpu_procs:
         cfg.MODEL.DEVICE = "cpu"
@@ -123,15 +127,19 @@ def run(argv=None):
     if args.num_cpu_procs < 0 or args.num_gpus < 0:
         parser.error("--num-cpu-procs and --num-gpus must be >= 0")
     check(args)
-    launch(
-        main,
-        args.num_cpu_procs or args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        use_cuda=not args.num_cpu_procs and torch.cuda.is_available(),
-    )
+    try:
+        launch(
+            main,
+            args.num_cpu_procs or args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            use_cuda=not args.num_cpu_procs and torch.cuda.is_available(),
+        )
+    except WorkerDied as e:
+        hint = "" if args.eval_only else ": --resume continues the run from its last checkpoint"
+        raise WorkerDied(f"{e}{hint}") from None
     return 0
 
 

@@ -1,11 +1,12 @@
 """Training for ws_d2: detectron2's DefaultTrainer with micro-batches, CPU/Gloo and torchrun launching, COCO
 evaluation and safe, atomic checkpoints."""
 
-from .launch import launch, launched_by_torchrun
+from .launch import WorkerDied, launch, launched_by_torchrun
 from .micro_batch import MicroBatchTrainer, micro_batch_size
 from .trainer import WSTrainer, check_trainable
 
 __all__ = [
+    "WorkerDied",
     "MicroBatchTrainer",
     "WSTrainer",
     "check_trainable",

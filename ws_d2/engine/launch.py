@@ -1,28 +1,39 @@
 """Start training as one process, N processes on one or several machines, or under torchrun.
 
 - CUDA: detectron2's own `launch` (one process per GPU, NCCL).
-- CPU: N processes on the Gloo backend (`ws_d2.backports.launch_on_cpu`).
+- CPU: N processes on the Gloo backend, which see no GPU: detectron2's own `launch` (main), or for v0.6
+  `ws_d2.compat.launch_on_cpu`.
 - torchrun / SLURM / Kubernetes / elastic: when the env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
   MASTER_PORT) are set, this process is one worker already: it joins the group from them and runs `main_func`.
-In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual.
+In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual. A worker that
+dies (a signal, a nonzero exit) stops the others and ends `launch` in a WorkerDied that names it; one that raises,
+in a ChildProcessError with its exception's line.
 """
 
-import logging
 import os
 from datetime import timedelta
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from ..backports import launch_on_cpu, set_local_process_group
+from .. import compat
 
-__all__ = ["launch", "launched_by_torchrun"]
+# detectron2 main's own; v0.6 lacks it
+create_local_process_group = getattr(comm, "create_local_process_group", compat.create_local_process_group)
+
+__all__ = ["WorkerDied", "launch", "launched_by_torchrun"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class WorkerDied(ChildProcessError):
+    """A worker process was killed by a signal or exited with a nonzero code."""
 
 
 def launched_by_torchrun():
@@ -40,7 +51,7 @@ def _run_torchrun_worker(main_func, args, use_cuda, timeout):
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", timeout=timeout)
-    set_local_process_group(world_size, procs_per_machine, dist.get_rank() // procs_per_machine)
+    create_local_process_group(procs_per_machine)
     comm.synchronize()
     main_func(*args)
     dist.destroy_process_group()
@@ -68,12 +79,19 @@ def launch(
     if num_machines * num_procs_per_machine <= 1:
         return main_func(*args)
     if use_cuda:
-        return detectron2_launch(
-            main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
-        )
-    if dist_url is None or dist_url == "auto":
-        if num_machines > 1:
-            raise ValueError("several machines need an explicit dist_url reachable by all of them")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    logging.getLogger(__name__).info(f"Starting {num_machines * num_procs_per_machine} CPU processes on Gloo")
-    launch_on_cpu(main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+        launcher = detectron2_launch
+    else:  # detectron2's own launch where it picks Gloo without a GPU (main); v0.6's asserts CUDA
+        launcher = detectron2_launch if compat.LAUNCH_STARTS_GLOO else compat.launch_on_cpu
+        if dist_url in (None, "auto"):
+            if num_machines > 1:
+                raise ValueError("several machines need an explicit dist_url reachable by all of them")
+            dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    hide_gpus = {} if use_cuda else {"CUDA_VISIBLE_DEVICES": ""}  # CPU workers see none, also where there are
+    try:
+        with mock.patch.dict(os.environ, hide_gpus):
+            launcher(main_func, num_procs_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+    except ProcessExitedException as e:  # the other workers are stopped by then
+        how = f"killed by signal {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        raise WorkerDied(f"worker {e.error_index} (pid {e.error_pid}) was {how}") from None
+    except ProcessRaisedException as e:  # its message ends in the worker's exception line: "module.Type: ..."
+        raise ChildProcessError(f"worker {e.error_index}: {e.msg.strip().splitlines()[-1]}") from None

@@ -11,12 +11,11 @@ import os
 import weakref
 
 import torch
-from detectron2.engine import DefaultTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..backports import create_ddp_model
 from ..checkpoint import WSCheckpointer
 from ..data import check_datasets
 from ..errors import ConfigError
@@ -47,7 +46,9 @@ class WSTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        # detectron2 (main too) gives DDP device_ids=[local rank] by default, which a CPU model must not get
+        device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = MicroBatchTrainer(
             model,
