@@ -76,6 +76,22 @@ def load_tool():
     return load
 
 
+@pytest.fixture(autouse=True)
+def fresh_tool_logging():
+    """A tool's main() run in-process sets up its loggers on that test's captured streams: undo it afterwards,
+    as a new process would start without them (a stale handler would write to a closed capture)."""
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    names = ("detectron2", "fvcore", "demo", "ws_d2")
+    before = {name: list(logging.getLogger(name).handlers) for name in names}
+    yield
+    for name in names:
+        logging.getLogger(name).handlers = before[name]
+    setup_logger.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def start_train_net():
     """Start tools/train_net.py on the tiny config in a subprocess: `start(args, **popen_kwargs)`."""

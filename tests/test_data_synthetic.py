@@ -64,11 +64,8 @@ def test_checks_name_the_problem(tmp_path):
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("not_registered",), ()
     with pytest.raises(DatasetError, match="'not_registered' is not registered"):
         check_datasets(cfg)
+    # (a set whose categories do not match NUM_CLASSES: test_train_cli.py)
     json_file, image_dir = generate_synthetic_dataset(tmp_path, {"val": 2}, image_size=64)["val"]
-    register_coco_dataset("checked_val", json_file, image_dir)
-    cfg.DATASETS.TRAIN = ("checked_val",)
-    with pytest.raises(DatasetError, match="has 3 categories but MODEL.ROI_HEADS.NUM_CLASSES is 80"):
-        check_datasets(cfg)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DatasetError, match="is not a JSON file"):
         register_coco_dataset("broken", str(tmp_path / "broken.json"), image_dir)
