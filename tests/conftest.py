@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process (this one and the tools it starts) unless set: the tests' tensors are tiny, and two
+# threads spinning on a shared or busy 2-core machine made some tests 10x slower, not faster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import ws_d2  # noqa: E402  (fixes and registration before any detectron2 import)
 from ws_d2.data import generate_synthetic_dataset, register_synthetic_dataset  # noqa: E402

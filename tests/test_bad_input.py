@@ -1,7 +1,7 @@
 """Bad input loses nothing and fails in one line that names it (the tools' main() run in-process).
 
 Kinds: an output onto an input (demo, convert, export), COCO records that cannot train, the demo's settings,
-WS arguments that give NaN, a 16-bit image, export weights that do not cover the model, the converter's
+a 16-bit image, export weights that do not cover the model, the converter's
 GN-only note. Everything tools/train_net.py refuses: test_train_cli.py.
 """
 
@@ -16,7 +16,7 @@ from PIL import Image
 import ws_d2
 from ws_d2.checkpoint.convert import ConversionReport
 from ws_d2.data import register_coco_dataset
-from ws_d2.errors import ConfigError, DatasetError
+from ws_d2.errors import DatasetError
 
 CUDA = torch.cuda.is_available()
 
@@ -178,27 +178,7 @@ def test_annotations_of_unlisted_images_are_a_warning(tmp_path, caplog):
     assert any("1 annotations of images the file does not list" in w and "ids 12" in w for w in warnings)
 
 
-# ---- the library: WS arguments that give NaN, config keys ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ws_d2.WSConv2d(1, 4, kernel_size=1),  # 1 element per filter: the unbiased std divides by 0
-        lambda: ws_d2.standardize_weight(torch.randn(5)),
-        lambda: ws_d2.standardize_weight(torch.ones(4, 3, 3, 3, dtype=torch.int64)),
-    ],
-    ids=["one-element filters", "1-D weight", "integer weight"],
-)
-def test_weight_that_cannot_be_standardized(make):
-    with pytest.raises(ConfigError, match="cannot weight-standardize a weight of (shape|dtype)"):
-        make()
-
-
-def test_standardizable_edges_still_work():
-    # the smallest valid filter (2 elements) and a 2-D weight stay accepted and finite
-    assert torch.isfinite(ws_d2.WSConv2d(2, 4, kernel_size=1)(torch.randn(1, 2, 4, 4))).all()
-    assert torch.isfinite(ws_d2.standardize_weight(torch.randn(3, 4, dtype=torch.float64))).all()
+# ---- the library: config keys (WS arguments that give NaN: test_ws_conv.py) ----------------------------------------------
 
 
 def test_add_ws_config_twice_keeps_values():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ws_d2.errors import ConfigError
 from ws_d2.layers import WS_FORMULAS, WSConv2d, standardize_weight
 
 EPS = 1e-5
@@ -346,3 +347,27 @@ def test_empty_input_as_detectron2_conv2d():
     sync = WSConv2d(4, 8, 3, padding=1, norm=torch.nn.SyncBatchNorm(8))
     with pytest.raises(AssertionError, match="SyncBatchNorm does not support empty inputs"):
         sync(torch.zeros(0, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: WSConv2d(1, 4, kernel_size=1),  # 1 element per filter: the unbiased std divides by 0
+        lambda: standardize_weight(torch.randn(5)),
+        lambda: standardize_weight(torch.ones(4, 3, 3, 3, dtype=torch.int64)),
+    ],
+    ids=["one-element filters", "1-D weight", "integer weight"],
+)
+def test_weight_that_cannot_be_standardized(make):
+    with pytest.raises(ConfigError, match="cannot weight-standardize a weight of (shape|dtype)"):
+        make()
+
+
+def test_standardizable_edges_still_work():
+    # the smallest valid filter (2 elements) and a 2-D weight stay accepted and follow the formula
+    conv = WSConv2d(2, 4, kernel_size=1).double()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    expected = F.conv2d(x, reference_ws(conv.weight.detach()), conv.bias)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-9, atol=1e-9)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(standardize_weight(weight), reference_ws(weight), rtol=1e-10, atol=1e-10)
