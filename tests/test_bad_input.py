@@ -1,8 +1,8 @@
 """Bad input loses nothing and fails in one line that names it (the tools' main() run in-process).
 
 Kinds: an output onto an input (demo, convert, export), COCO records that cannot train, the demo's settings,
-a 16-bit image, export weights that do not cover the model, the converter's
-GN-only note. Everything tools/train_net.py refuses: test_train_cli.py.
+a 16-bit image, export weights that do not cover the model, the converter's GN-only note. Everything
+tools/train_net.py refuses: test_train_cli.py.
 """
 
 import json
