@@ -10,10 +10,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process (this one and the tools it starts) unless set: the tests' tensors are tiny, and two
+# threads spinning on a shared or busy 2-core machine made some tests 10x slower, not faster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ["WS_D2_CACHE"] = tempfile.mkdtemp(prefix="ws_d2_cache_")  # passed data checks: per test run
 
 import ws_d2  # noqa: E402  (fixes and registration before any detectron2 import)
@@ -76,6 +80,22 @@ def load_tool():
         return module
 
     return load
+
+
+@pytest.fixture(autouse=True)
+def fresh_tool_logging():
+    """A tool's main() run in-process sets up its loggers on that test's captured streams: undo it afterwards,
+    as a new process would start without them (a stale handler would write to a closed capture)."""
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    names = ("detectron2", "fvcore", "demo", "ws_d2")
+    before = {name: list(logging.getLogger(name).handlers) for name in names}
+    yield
+    for name in names:
+        logging.getLogger(name).handlers = before[name]
+    setup_logger.cache_clear()
 
 
 @pytest.fixture(scope="session")

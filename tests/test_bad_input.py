@@ -1,14 +1,12 @@
 """Bad input loses nothing and fails in one line that names it (the tools' main() run in-process).
 
-Kinds: an output onto an input (every tool), a finished run overwritten, config files that are not YAML
-mappings, unreadable or unsafe weights, COCO records that cannot train, devices and numbers, WS arguments
-that give NaN, a 16-bit image, export weights that do not cover the model, the converter's GN-only note.
+Kinds: an output onto an input (demo, convert, export), COCO records that cannot train, the demo's settings,
+a 16-bit image, export weights that do not cover the model, the converter's GN-only note. Everything
+tools/train_net.py refuses: test_train_cli.py.
 """
 
 import json
-import logging
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -19,35 +17,20 @@ from PIL import Image
 import ws_d2
 from ws_d2.checkpoint.convert import ConversionReport
 from ws_d2.data import register_coco_dataset
-from ws_d2.errors import ConfigError, DatasetError
+from ws_d2.errors import DatasetError
 
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def fresh_tool_logging():
-    """Each in-process tool run sets up its loggers on that test's captured streams: undo it afterwards, as
-    a new process would start without them (a stale handler would write to a closed capture)."""
-    from detectron2.utils.logger import setup_logger
-
-    names = ("detectron2", "fvcore", "demo", "ws_d2")
-    before = {name: list(logging.getLogger(name).handlers) for name in names}
-    yield
-    for name in names:
-        logging.getLogger(name).handlers = before[name]
-    setup_logger.cache_clear()
-
-
 @pytest.fixture(scope="module")
 def tools(load_tool):
-    return {name: load_tool(name) for name in ("train_net", "demo", "convert_pretrained", "export_model")}
+    return {name: load_tool(name) for name in ("demo", "convert_pretrained", "export_model")}
 
 
 def run(tool, argv, capsys):
     """(exit status, stderr) of a tool's main(argv), as its command line would exit."""
-    main = getattr(tool, "run", None) or tool.main
     try:
-        status = main(argv)
+        status = tool.main(argv)
     except SystemExit as exit_info:  # argparse's usage error
         status = exit_info.code
     return status, capsys.readouterr().err
@@ -123,139 +106,28 @@ def test_no_output_onto_an_input(case, tools, tmp_path, tiny_config, capsys):
     assert {path: open(path, "rb").read() for path in inputs} == before
 
 
-@pytest.fixture(scope="module")
-def train_data(tmp_path_factory, tiny_dataset):
-    opts, _ = tiny_dataset(tmp_path_factory.mktemp("bad_input_data"), "bad_input")
-    return opts
-
-
-def train_args(tiny_config, train_data, output_dir, *opts, flags=()):
-    return ["--config-file", tiny_config, *flags, *train_data, "OUTPUT_DIR", str(output_dir), *opts]
-
-
-def test_finished_run_is_not_overwritten(tools, tmp_path, tiny_config, train_data, capsys):
-    final = tmp_path / "model_final.pth"
-    final.write_bytes(b"the finished run's weights")
-    status, err = run(tools["train_net"], train_args(tiny_config, train_data, tmp_path), capsys)
-    assert "--resume" in assert_one_line_error(status, err, tmp_path, "model_final.pth")
-    assert final.read_bytes() == b"the finished run's weights"
-
-
-# ---- one-line errors naming the file, key or record ----------------------------------------------------
-
-
-CONFIG_FILES = {
-    "yaml syntax": (b"MODEL:\n  WS: [\n", "YAML syntax error at line 3"),
-    "top level a list": (b"- MODEL\n", "not a mapping"),
-    "empty": (b"", "empty config file"),
-    "binary": (b"\xff\xfe\x00\x01\x89PNG", "not a UTF-8 text"),
+DEMO_SETTINGS = {  # demo options after --input/--output, exit status, what the line names
+    "--confidence-threshold 2": (["--confidence-threshold", "2"], 2, "--confidence-threshold"),
+    "MODEL.DEVICE cuda without a GPU": (["--opts", "MODEL.DEVICE", "cuda"], 1, "MODEL.DEVICE"),
 }
 
 
-@pytest.mark.parametrize("kind", CONFIG_FILES)
-def test_config_file_that_is_not_a_yaml_mapping(kind, tools, tmp_path, capsys):
-    content, expected = CONFIG_FILES[kind]
-    config = tmp_path / "bad.yaml"
-    config.write_bytes(content)
-    status, err = run(tools["train_net"], ["--config-file", str(config)], capsys)
-    assert expected in assert_one_line_error(status, err, config)
-
-
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo this must never run",))
-
-
-def weights_cases(tmp_path):
-    text = tmp_path / "text.pth"
-    text.write_text("these are not weights\n")
-    crafted = tmp_path / "crafted.pkl"
-    crafted.write_bytes(pickle.dumps({"model": _RunsCode()}))
-    resumed = tmp_path / "run"
-    resumed.mkdir()
-    torch.save({"model": {"w": torch.zeros(1000)}, "iteration": 3}, resumed / "model_0000003.pth")
-    whole = (resumed / "model_0000003.pth").read_bytes()
-    (resumed / "model_0000003.pth").write_bytes(whole[: len(whole) // 2])
-    (resumed / "last_checkpoint").write_text("model_0000003.pth")
-    garbage = tmp_path / "garbage"
-    garbage.mkdir()
-    (garbage / "last_checkpoint").write_bytes(b"\x00\xff\xfe garbage")
-    return {  # (OUTPUT_DIR, opts, flags, what the line names)
-        "text file named .pth": (tmp_path / "out", ["MODEL.WEIGHTS", str(text)], [], text),
-        "crafted pickle": (tmp_path / "out", ["MODEL.WEIGHTS", str(crafted)], [], crafted),
-        "truncated checkpoint on --resume": (resumed, [], ["--resume"], "model_0000003.pth"),
-        "garbage last_checkpoint on --resume": (garbage, [], ["--resume"], garbage / "last_checkpoint"),
-    }
-
-
 @pytest.mark.parametrize(
-    "case", ["text file named .pth", "crafted pickle", "truncated checkpoint on --resume", "garbage last_checkpoint on --resume"]
-)  # fmt: skip
-def test_unreadable_or_unsafe_weights(case, tools, tmp_path, tiny_config, train_data, capsys):
-    output_dir, opts, flags, named = weights_cases(tmp_path)[case]
-    argv = train_args(tiny_config, train_data, output_dir, *opts, flags=flags)
-    status, err = run(tools["train_net"], argv, capsys)
-    assert_one_line_error(status, err, named)
-    assert status == 1
-
-
-def settings_cases(tmp_path, tiny_config, train_data):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
+    "case",
+    [
+        "--confidence-threshold 2",
+        pytest.param(
+            "MODEL.DEVICE cuda without a GPU", marks=pytest.mark.skipif(CUDA, reason="a GPU is present")
+        ),
+    ],
+)
+def test_demo_settings_it_cannot_run(case, tools, tmp_path, tiny_config, capsys):
+    options, expected_status, named = DEMO_SETTINGS[case]
     image = write_png(tmp_path / "img.png")
-    demo = ["--config-file", tiny_config, "--input", image, "--output", str(tmp_path / "out")]
-    train = train_args(tiny_config, train_data, tmp_path / "out")
-    cases = {  # tool, argv, exit status, what the line names
-        "IMS_PER_BATCH 0": ("train_net", [*train, "SOLVER.IMS_PER_BATCH", "0"], 1, "SOLVER.IMS_PER_BATCH"),
-        "unwritable OUTPUT_DIR": (
-            "train_net",
-            train_args(tiny_config, train_data, blocker / "sub"),
-            1,
-            blocker,
-        ),
-        "--num-cpu-procs -1": ("train_net", ["--num-cpu-procs", "-1", *train], 2, "--num-cpu-procs"),
-        "MODEL.WS.EPS -1.0": ("train_net", [*train, "MODEL.WS.EPS", "-1.0"], 1, "MODEL.WS.EPS"),
-        "--confidence-threshold 2": (
-            "demo",
-            [*demo, "--confidence-threshold", "2"],
-            2,
-            "--confidence-threshold",
-        ),
-    }
-    if not CUDA:
-        cases["train on cuda without a GPU"] = (
-            "train_net",
-            [*train, "MODEL.DEVICE", "cuda"],
-            1,
-            "MODEL.DEVICE",
-        )
-        cases["demo on cuda without a GPU"] = (
-            "demo",
-            [*demo, "--opts", "MODEL.DEVICE", "cuda"],
-            1,
-            "MODEL.DEVICE",
-        )
-    return cases
-
-
-SETTINGS = [
-    "IMS_PER_BATCH 0",
-    "unwritable OUTPUT_DIR",
-    "--num-cpu-procs -1",
-    "MODEL.WS.EPS -1.0",
-    "--confidence-threshold 2",
-    pytest.param("train on cuda without a GPU", marks=pytest.mark.skipif(CUDA, reason="a GPU is present")),
-    pytest.param("demo on cuda without a GPU", marks=pytest.mark.skipif(CUDA, reason="a GPU is present")),
-]
-
-
-@pytest.mark.parametrize("case", SETTINGS)
-def test_devices_and_numbers(case, tools, tmp_path, tiny_config, train_data, capsys):
-    name, argv, expected_status, named = settings_cases(tmp_path, tiny_config, train_data)[case]
-    status, err = run(tools[name], argv, capsys)
+    argv = ["--config-file", tiny_config, "--input", image, "--output", str(tmp_path / "out"), *options]
+    status, err = run(tools["demo"], argv, capsys)
     assert_one_line_error(status, err, named)
-    assert status == expected_status
-    assert not (tmp_path / "out" / "last_checkpoint").exists()  # refused before any training
+    assert status == expected_status and not (tmp_path / "out").exists()
 
 
 # ---- COCO records: checked when the set is loaded, before any training step --------------------------------
@@ -319,36 +191,7 @@ def test_coco_image_check_is_remembered_per_version(tmp_path):
         DatasetCatalog.get("remembered_coco")
 
 
-def test_coco_error_before_training(tools, tmp_path, tiny_config, capsys):
-    json_file, image_root = coco_set(tmp_path / "bad", c=("annotation", "category_id", 7))
-    argv = ["--config-file", tiny_config, "--coco-dataset", "bad_coco_cli", json_file, image_root]
-    opts = ["DATASETS.TRAIN", "('bad_coco_cli',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
-    status, err = run(tools["train_net"], [*argv, *opts], capsys)
-    assert_one_line_error(status, err, json_file, "annotation id 12")
-    assert not list((tmp_path / "out").glob("*.pth"))  # no training step ran
-
-
-# ---- the library: WS arguments that give NaN, config keys ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ws_d2.WSConv2d(1, 4, kernel_size=1),  # 1 element per filter: the unbiased std divides by 0
-        lambda: ws_d2.standardize_weight(torch.randn(5)),
-        lambda: ws_d2.standardize_weight(torch.ones(4, 3, 3, 3, dtype=torch.int64)),
-    ],
-    ids=["one-element filters", "1-D weight", "integer weight"],
-)
-def test_weight_that_cannot_be_standardized(make):
-    with pytest.raises(ConfigError, match="cannot weight-standardize a weight of (shape|dtype)"):
-        make()
-
-
-def test_standardizable_edges_still_work():
-    # the smallest valid filter (2 elements) and a 2-D weight stay accepted and finite
-    assert torch.isfinite(ws_d2.WSConv2d(2, 4, kernel_size=1)(torch.randn(1, 2, 4, 4))).all()
-    assert torch.isfinite(ws_d2.standardize_weight(torch.randn(3, 4, dtype=torch.float64))).all()
+# ---- the library: config keys (WS arguments that give NaN: test_ws_conv.py) ----------------------------------------------
 
 
 def test_add_ws_config_twice_keeps_values():

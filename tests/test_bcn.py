@@ -1,5 +1,7 @@
 """Batch-Channel Normalization (BCN+WS): the layer against its equations, the EstBN estimates and their schedule,
-the WS formula of the BCN+WS release, the model wiring, frozen stages, ITER_SIZE and DDP semantics, export.
+the model wiring, frozen stages, ITER_SIZE and DDP semantics, a real run. Elsewhere: the WS formula of the
+BCN+WS release (test_ws_conv.py), fold_ws (test_modeling.py), the export (test_export.py, test_deploy.py), the
+COCO configs (test_configs.py).
 
 The references are written from the equations (docs/BCN.md), in float64 so that the bounds do not depend on
 the CPU's float32 kernels.
@@ -13,7 +15,6 @@ import tempfile
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ws_d2  # noqa: F401  (first, also in the Gloo test's spawned processes: detectron2's fixes)
 
@@ -26,9 +27,8 @@ from torch import nn
 from ws_d2.data import synthetic_batch
 from ws_d2.engine import WSTrainer
 from ws_d2.errors import ConfigError
-from ws_d2.export import stock_config
-from ws_d2.layers import BatchChannelNorm, EstBN, WSConv2d, moving_speed, set_moving_speed, standardize_weight
-from ws_d2.modeling import count_bcn, count_ws_convs, fold_ws
+from ws_d2.layers import BatchChannelNorm, EstBN, WSConv2d, moving_speed, set_moving_speed
+from ws_d2.modeling import count_bcn, count_ws_convs
 
 C, G = 8, 4
 BCN_OPTS = ["MODEL.BCN.ENABLED", "True", "MODEL.WS.FORMULA", "sqrt_var_plus_eps"]
@@ -178,47 +178,6 @@ def test_bn_step_with_one_value_per_channel_fails_with_a_clear_message():
         BatchChannelNorm(12, 8, name="x")
 
 
-@pytest.mark.parametrize("formula", ["std_plus_eps", "sqrt_var_plus_eps"])
-def test_ws_formulas(formula):
-    w = _x(6, 3, 3, 3) * 0.01  # small std: eps placement matters
-    flat = w.flatten(1)
-    centered = flat - flat.mean(1, keepdim=True)
-    var = centered.square().sum(1, keepdim=True) / (flat.shape[1] - 1)
-    if formula == "std_plus_eps":
-        expected = centered / (var.sqrt() + 1e-5)
-    else:
-        expected = centered / torch.sqrt(var + 1e-5)
-    torch.testing.assert_close(
-        standardize_weight(w, 1e-5, formula).flatten(1), expected, rtol=1e-12, atol=1e-12
-    )
-    other = "sqrt_var_plus_eps" if formula == "std_plus_eps" else "std_plus_eps"
-    assert (standardize_weight(w, 1e-5, other).flatten(1) - expected).abs().max() > 1e-3
-    w.requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: standardize_weight(v, 1e-5, formula), (w,))
-
-    # the WS conv: training path (fused autograd node) and cached-statistics path agree, gradients match the
-    # plain formula's autograd
-    conv = WSConv2d(3, 6, 3, padding=1, bias=False, eps=1e-5, formula=formula).double()
-    with torch.no_grad():
-        conv.weight.copy_(w)
-    x = _x(2, 3, 5, 5, seed=3).requires_grad_()
-    out = conv(x)
-    (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum().backward()
-    reference_w = w.detach().clone().requires_grad_()
-    rflat = reference_w.flatten(1)
-    rc = rflat - rflat.mean(1, keepdim=True)
-    rv = rc.square().sum(1, keepdim=True) / (rflat.shape[1] - 1)
-    rhat = rc / (rv.sqrt() + 1e-5) if formula == "std_plus_eps" else rc / torch.sqrt(rv + 1e-5)
-    reference = F.conv2d(x.detach(), rhat.view_as(w), padding=1)
-    (reference * torch.arange(out.numel(), dtype=out.dtype).view_as(out).cos()).sum().backward()
-    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(conv.weight.grad, reference_w.grad, rtol=1e-8, atol=1e-10)
-    with torch.no_grad():
-        torch.testing.assert_close(conv(x), reference, rtol=1e-10, atol=1e-10)
-        conv.formula = other  # a changed formula is a different standardization: the cache must not serve it
-        assert (conv(x) - reference).abs().max() > 1e-4
-
-
 def _norm_places(model, kind):
     return {name.rsplit(".norm", 1)[0] for name, m in model.named_modules() if isinstance(m, kind)}
 
@@ -257,22 +216,6 @@ def test_frozen_stages_stop_the_estimates(tiny_cfg):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(".res2." not in k and ".stem." not in k for k in moved)
     assert "backbone.bottom_up.res3.0.conv1.norm.batch_norm.running_mean" in moved
-
-
-def test_fold_ws_keeps_bcn_and_export_refuses(tiny_cfg):
-    cfg = tiny_cfg(*BCN_OPTS)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    inputs = synthetic_batch(cfg, size=64, batch=1, seed=1)
-    with torch.no_grad():
-        features = model.backbone(model.preprocess_image(inputs).tensor)
-        fold_ws(model)
-        folded = model.backbone(model.preprocess_image(inputs).tensor)
-    assert count_ws_convs(model) == 0 and count_bcn(model) == 36
-    for name, value in features.items():
-        torch.testing.assert_close(folded[name], value, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ConfigError, match="no Batch-Channel Normalization layer"):
-        stock_config(cfg)
 
 
 def _train_one_step(cfg):
@@ -333,32 +276,6 @@ def test_two_gloo_processes_end_with_identical_estimates(tmp_path):
         est(torch.cat([_x(rank + 1, C, 3, 3, seed=10 * t + rank) * (rank + 1) for rank in (0, 1)]))
     torch.testing.assert_close(zero["mean"], est.running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(zero["var"], est.running_var, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("backbone", ["R_50", "R_101", "X_50_32x4d"])
-def test_coco_bcn_configs_are_their_gn_ws_twins_with_bcn(repo_root, backbone):
-    name = f"configs/COCO-InstanceSegmentation/mask_rcnn_{backbone}_FPN_{{}}_2x.yaml"
-    bcn = ws_d2.load_config(str(repo_root / name.format("bcn_ws")), freeze=False)
-    gn = ws_d2.load_config(str(repo_root / name.format("gn_ws")), freeze=False)
-    weights = backbone.replace("_", "-", 1).replace("X-50_", "X-50-")
-    assert bcn.MODEL.WEIGHTS == f"pretrained/{weights}-BCN-WS.pkl"
-    assert bcn.MODEL.BCN.ENABLED and bcn.MODEL.BCN.ESTIMATE and bcn.MODEL.BCN.GROUPS == 32
-    assert bcn.MODEL.WS.FORMULA == "sqrt_var_plus_eps"
-    for key in ("WEIGHTS", "BCN", "WS"):  # everything else (recipe, schedule, heads) is the GN+WS model's
-        bcn.MODEL.pop(key), gn.MODEL.pop(key)
-    assert bcn == gn
-
-    cfg = ws_d2.load_config(str(repo_root / name.format("bcn_ws")), ["MODEL.DEVICE", "cpu"], freeze=False)
-    cfg.merge_from_list(["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "20"])
-    cfg.merge_from_list(["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "8"])
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    assert count_bcn(model) == count_ws_convs(model) == (53 if cfg.MODEL.RESNETS.DEPTH == 50 else 104) + 16
-    set_moving_speed(model, 1.0)
-    with EventStorage(0):
-        losses = model(synthetic_batch(cfg, size=64, batch=2, seed=0))
-    sum(losses.values()).backward()
-    assert all(torch.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.slow

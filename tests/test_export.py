@@ -22,24 +22,22 @@ EXPORT_OPTS = [
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128",
     "TEST.DETECTIONS_PER_IMAGE", "5",
 ]  # fmt: skip
-R50_OPTS = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
 
 
 @pytest.fixture(scope="module")
 def trained_cfg(tiny_cfg, tmp_path_factory):
-    """`trained_cfg(depth=18)`: the tiny model's config (R-18, or R-50) whose MODEL.WEIGHTS names random
-    weights, saved once per depth, so that every model built from it holds the same weights."""
+    """`trained_cfg()`: the tiny model's config whose MODEL.WEIGHTS names random weights, saved once, so that
+    every model built from it holds the same weights."""
     from detectron2.modeling import build_model
 
-    directory, weights = tmp_path_factory.mktemp("weights"), {}
+    weights = []
 
-    def make(depth=18):
-        opts = [*EXPORT_OPTS, *(R50_OPTS if depth == 50 else [])]
-        if depth not in weights:
+    def make():
+        if not weights:
             torch.manual_seed(0)
-            weights[depth] = str(directory / f"tiny_r{depth}_random.pth")
-            torch.save({"model": build_model(tiny_cfg(*opts)).state_dict()}, weights[depth])
-        return tiny_cfg(*opts, "MODEL.WEIGHTS", weights[depth], freeze=True)
+            weights.append(str(tmp_path_factory.mktemp("weights") / "tiny_random.pth"))
+            torch.save({"model": build_model(tiny_cfg(*EXPORT_OPTS)).state_dict()}, weights[0])
+        return tiny_cfg(*EXPORT_OPTS, "MODEL.WEIGHTS", weights[0], freeze=True)
 
     return make
 
@@ -72,12 +70,11 @@ def assert_same_outputs(actual, expected, atol=1e-4):
         np.testing.assert_allclose(actual[key], value, atol=atol, err_msg=key)
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_folded_model_matches_ws_model(trained_cfg, depth):
-    cfg = trained_cfg(depth)
+def test_predictor_fold_runs_the_folded_model(trained_cfg):
+    """WSPredictor(fold=True): the same detections from a model without WS convs (fold_ws: test_modeling.py)."""
+    cfg = trained_cfg()
     ws_predictor, folded_predictor = WSPredictor(cfg), WSPredictor(cfg, fold=True)
-    assert count_ws_convs(ws_predictor.model) == {18: 20, 50: 53}[depth] + 8 + 4 + 4  # backbone, FPN, heads
-    assert count_ws_convs(folded_predictor.model) == 0
+    assert count_ws_convs(ws_predictor.model) > 0 and count_ws_convs(folded_predictor.model) == 0
     image = random_image()
     expected = outputs_of(ws_predictor(image)["instances"])
     assert_same_outputs(outputs_of(folded_predictor(image)["instances"]), expected)
@@ -111,6 +108,9 @@ def test_stock_config_refuses_ws_component_without_stock_twin(tiny_cfg):
         ROI_BOX_HEAD_REGISTRY.register(UnmappedWSHead)
     with pytest.raises(ConfigError, match="UnmappedWSHead is a ws_d2 component"):
         stock_config(tiny_cfg("MODEL.ROI_BOX_HEAD.NAME", "UnmappedWSHead"))
+    # nor has Batch-Channel Normalization
+    with pytest.raises(ConfigError, match="no Batch-Channel Normalization layer"):
+        stock_config(tiny_cfg("MODEL.BCN.ENABLED", "True", "MODEL.WS.FORMULA", "sqrt_var_plus_eps"))
 
 
 # Runs with detectron2 alone. detectron2 v0.6 does not import on today's numpy/Pillow without ws_d2's

@@ -13,7 +13,7 @@ ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if "Ba
 
 def test_every_config_by_name_and_the_published_weights_of_the_gn_ws_detectors(repo_root):
     trained = [name for name in ALL if "_gn_ws_" in name and name.startswith("COCO-")]
-    assert len(trained) == 12 and set(model_zoo.published.TRAINED) == set(trained)
+    assert trained and set(model_zoo.published.TRAINED) == set(trained)  # which 12: test_configs.py
     for name in ALL:
         assert model_zoo.get_config_file(name) == str(CONFIGS / name)
         cfg = model_zoo.get_config(name)

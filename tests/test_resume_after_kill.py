@@ -1,9 +1,12 @@
-"""kill -9 a real training process at several moments; --resume continues from the last complete checkpoint."""
+"""A real training process killed at any moment, and killed in the middle of writing a checkpoint, leaves a
+`last_checkpoint` that names a complete checkpoint, and --resume continues from it to the end."""
 
 import os
 import re
+import resource
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -12,31 +15,44 @@ from ws_d2.checkpoint import load_checkpoint_file
 
 pytestmark = pytest.mark.slow
 
-MAX_ITER = 8
+MAX_ITER = 4
 OPTS = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "1",
         "DATASETS.TEST", "()"]  # fmt: skip
+# Runs tools/train_net.py (argv[1]) as `python tools/train_net.py ...` does, with SIGXFSZ at its default
+# action, which Python otherwise ignores: then the kernel kills the process, as kill -9 does (no cleanup code
+# runs), at the very write() that takes a file past the RLIMIT_FSIZE limit.
+AS_SCRIPT_KILLED_AT_FILE_SIZE = (
+    "import os, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); sys.argv = sys.argv[1:]; "
+    "sys.path[0] = os.path.dirname(sys.argv[0]); runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
-def start(start_train_net, flags, opts, output_dir, log_path):
+def start(repo_root, tiny_config, args, log_path, file_size_limit=None):
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    train_net = str(repo_root / "tools" / "train_net.py")
+    command = [
+        sys.executable,
+        "-c",
+        AS_SCRIPT_KILLED_AT_FILE_SIZE,
+        train_net,
+        "--config-file",
+        tiny_config,
+        *args,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     with open(log_path, "w") as log:
-        args = [*flags, *opts, *OPTS, "OUTPUT_DIR", str(output_dir)]
-        return start_train_net(args, stdout=log, stderr=subprocess.STDOUT)
-
-
-def kill_when(process, condition, timeout=600):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, "training ended before the kill"
-        assert time.monotonic() < deadline, "timed out waiting for the kill moment"
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+        return subprocess.Popen(
+            command, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=limit_file_size if file_size_limit else None,
+        )  # fmt: skip
 
 
 def last_complete_checkpoint(output_dir):
     """The checkpoint `last_checkpoint` names, which must load completely; returns (name, iteration)."""
-    with open(output_dir / "last_checkpoint") as f:
-        name = f.read().strip()
+    name = (output_dir / "last_checkpoint").read_text().strip()
     return name, load_checkpoint_file(str(output_dir / name))["iteration"]
 
 
@@ -44,34 +60,8 @@ def checkpoints(output_dir):
     return sorted(p for p in os.listdir(output_dir) if re.fullmatch(r"model_\d+\.pth", p))
 
 
-def test_resume_after_sigkill_at_several_moments(tmp_path, tiny_dataset, start_train_net):
-    data_opts, flags = tiny_dataset(tmp_path / "data", "resume", num_train=4)
-    output = tmp_path / "output"
-    output.mkdir()
-    moments = [
-        # right after the first checkpoint is complete (and usually while the next step runs)
-        lambda: len(checkpoints(output)) >= 1 and (output / "last_checkpoint").exists(),
-        # while a checkpoint is being written: its temporary file exists (polled every 2 ms)
-        lambda: any(p.endswith(".tmp") for p in os.listdir(output)) and len(checkpoints(output)) >= 3,
-        # at an arbitrary later moment
-        lambda: len(checkpoints(output)) >= 5,
-    ]
-    resumed_from = None
-    for index, moment in enumerate(moments):
-        log_path = tmp_path / f"run{index}.log"
-        kill_when(
-            start(start_train_net, flags + (["--resume"] if index else []), data_opts, output, log_path),
-            moment,
-        )
-        if resumed_from is not None:
-            assert_resumed_from(log_path, *resumed_from)
-        resumed_from = last_complete_checkpoint(output)
-    log_path = tmp_path / "final.log"
-    process = start(start_train_net, flags + ["--resume"], data_opts, output, log_path)
-    assert process.wait(timeout=600) == 0, log_path.read_text()[-3000:]
-    assert_resumed_from(log_path, *resumed_from)
-    name, iteration = last_complete_checkpoint(output)
-    assert (name, iteration) == ("model_final.pth", MAX_ITER - 1)
+def temporary_files(output_dir):
+    return [p for p in os.listdir(output_dir) if p.endswith(".tmp")]
 
 
 def assert_resumed_from(log_path, name, iteration):
@@ -79,3 +69,39 @@ def assert_resumed_from(log_path, name, iteration):
     loaded = re.findall(r"\[Checkpointer\] Loading from (\S+) \.\.\.", log)
     assert [os.path.basename(path) for path in loaded] == [name], loaded
     assert f"Starting training from iteration {iteration + 1}" in log, log[-3000:]
+
+
+def test_resume_after_kill_at_any_moment_and_mid_save(tmp_path, tiny_dataset, repo_root, tiny_config):
+    data_opts, flags = tiny_dataset(tmp_path / "data", "resume", num_train=4)
+    output = tmp_path / "output"
+    args = [*flags, *data_opts, *OPTS, "OUTPUT_DIR", str(output)]
+
+    # 1. kill -9 at whatever the run is doing once its first checkpoint is complete
+    process = start(repo_root, tiny_config, args, tmp_path / "run1.log")
+    while not (output / "last_checkpoint").exists():
+        assert process.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=600) == -signal.SIGKILL, "training ended before the kill"
+    resumed_from = last_complete_checkpoint(output)
+    assert resumed_from[1] < MAX_ITER - 1
+
+    # 2. --resume, killed half-way through writing its first checkpoint: it may grow to half a checkpoint
+    size = (output / checkpoints(output)[0]).stat().st_size
+    assert size > 1_000_000  # far above the log, metrics and config files the run also writes
+    left_before = set(temporary_files(output))  # (the kill -9 above may have landed mid-save too)
+    process = start(
+        repo_root, tiny_config, ["--resume", *args], tmp_path / "run2.log", file_size_limit=size // 2
+    )
+    assert process.wait(timeout=600) == -signal.SIGXFSZ, (tmp_path / "run2.log").read_text()[-3000:]
+    assert_resumed_from(tmp_path / "run2.log", *resumed_from)
+    partial = sorted(set(temporary_files(output)) - left_before)
+    assert len(partial) == 1 and partial[0].startswith(".model_"), partial  # killed mid-save, left in place
+    assert 0 < (output / partial[0]).stat().st_size <= size // 2
+    assert last_complete_checkpoint(output) == resumed_from  # still the complete one
+
+    # 3. --resume runs to the end from that checkpoint
+    process = start(repo_root, tiny_config, ["--resume", *args], tmp_path / "final.log")
+    assert process.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert_resumed_from(tmp_path / "final.log", *resumed_from)
+    assert last_complete_checkpoint(output) == ("model_final.pth", MAX_ITER - 1)

@@ -1,4 +1,4 @@
-"""The WS math of ws_d2.layers: formula, gradient, groups, zero variance, eval cache, autocast."""
+"""The WS math of ws_d2.layers: both formulas, gradient, groups, zero variance, eval cache, autocast."""
 
 import copy
 
@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ws_d2.layers import WSConv2d, standardize_weight
+from ws_d2.errors import ConfigError
+from ws_d2.layers import WS_FORMULAS, WSConv2d, standardize_weight
 
 EPS = 1e-5
+# the published GN+WS form: unbiased std + eps; the BCN+WS release's: sqrt(unbiased var + eps)
+EPS_INSIDE_SQRT = {"std_plus_eps": False, "sqrt_var_plus_eps": True}
 
 
 def reference_ws(weight, eps=EPS, unbiased=True, eps_inside_sqrt=False):
@@ -25,46 +28,52 @@ def small_std_weight(*shape, std=1e-3, dtype=torch.float64, seed=0):
     return (torch.randn(*shape, generator=generator, dtype=dtype) * std + 0.01).to(dtype)
 
 
-def test_formula_is_unbiased_std_plus_eps():
-    weight = small_std_weight(8, 4, 3, 3)
-    expected = reference_ws(weight)
-    torch.testing.assert_close(standardize_weight(weight, EPS), expected, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("formula", WS_FORMULAS)
+def test_formula(formula):
+    weight = small_std_weight(8, 4, 3, 3)  # std 1e-3: where eps is placed shows
+    ours = standardize_weight(weight, EPS, formula)
+    expected = reference_ws(weight, eps_inside_sqrt=EPS_INSIDE_SQRT[formula])
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
     # float32 weights: same formula, float32 accuracy.
     torch.testing.assert_close(
-        standardize_weight(weight.float(), EPS), expected.float(), rtol=1e-4, atol=1e-4
+        standardize_weight(weight.float(), EPS, formula), expected.float(), rtol=1e-4, atol=1e-4
     )
-    # Per channel: zero mean, unbiased std = std / (std + eps).
-    flat = standardize_weight(weight, EPS).reshape(8, -1)
-    torch.testing.assert_close(flat.mean(dim=1), torch.zeros(8, dtype=torch.float64), atol=1e-12, rtol=0)
+    # Per channel: zero mean.
+    torch.testing.assert_close(ours.reshape(8, -1).mean(dim=1), torch.zeros(8, dtype=torch.float64), atol=1e-12, rtol=0)  # fmt: skip
+    # far from the biased form (paper Eq. 2 / timm) and from the other eps placement
+    for unbiased, eps_inside_sqrt in [
+        (False, EPS_INSIDE_SQRT[formula]),
+        (True, not EPS_INSIDE_SQRT[formula]),
+    ]:
+        assert (
+            ours - reference_ws(weight, unbiased=unbiased, eps_inside_sqrt=eps_inside_sqrt)
+        ).abs().max() > 1e-3
 
 
-def test_formula_variants_are_distinguishable():
-    """The test above would fail for the biased (paper Eq. 2 / timm) or eps-inside (ConvAWS) forms."""
-    weight = small_std_weight(8, 4, 3, 3)
-    published = reference_ws(weight)
-    for variant in (reference_ws(weight, unbiased=False), reference_ws(weight, eps_inside_sqrt=True)):
-        assert (variant - published).abs().max() > 1e-3
-    with pytest.raises(AssertionError):
-        torch.testing.assert_close(standardize_weight(weight, EPS), reference_ws(weight, unbiased=False))
-
-
-def test_gradcheck_float64():
+@pytest.mark.parametrize("formula", WS_FORMULAS)
+def test_gradcheck_float64(formula):
     weight = small_std_weight(6, 3, 3, 3, std=0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda w: standardize_weight(w, EPS), (weight,))
+    assert torch.autograd.gradcheck(lambda w: standardize_weight(w, EPS, formula), (weight,))
 
 
-def test_gradient_matches_autograd_of_plain_formula():
+@pytest.mark.parametrize("formula", WS_FORMULAS)
+def test_gradient_matches_autograd_of_plain_formula(formula):
     weight = small_std_weight(16, 8, 3, 3, std=0.05).requires_grad_()
     grad_out = torch.randn(16, 8, 3, 3, dtype=torch.float64)
-    (ours,) = torch.autograd.grad(standardize_weight(weight, EPS), weight, grad_out)
-    (expected,) = torch.autograd.grad(reference_ws(weight), weight, grad_out)
+    (ours,) = torch.autograd.grad(standardize_weight(weight, EPS, formula), weight, grad_out)
+    expected = reference_ws(weight, eps_inside_sqrt=EPS_INSIDE_SQRT[formula])
+    (expected,) = torch.autograd.grad(expected, weight, grad_out)
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_training_conv_gradcheck_float64():
+@pytest.mark.parametrize("formula", WS_FORMULAS)
+def test_training_conv_gradcheck_float64(formula):
     """The fused training path (WS inside the conv's autograd): input, weight and bias gradients."""
     torch.manual_seed(0)
-    conv = WSConv2d(4, 6, kernel_size=3, stride=2, padding=2, dilation=2, groups=2, bias=True).double()
+    conv = WSConv2d(
+        4, 6, kernel_size=3, stride=2, padding=2, dilation=2, groups=2, bias=True, formula=formula
+    )
+    conv = conv.double()
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
 
     def run(x, weight, bias):
@@ -85,14 +94,17 @@ def test_training_keeps_no_standardized_copy_for_backward():
     assert weight_sized and all(t.data_ptr() == conv.weight.data_ptr() for t in weight_sized)
 
 
-def test_grouped_conv_resnext():
+@pytest.mark.parametrize("formula", WS_FORMULAS)
+def test_grouped_conv_resnext(formula):
+    """The training conv's output and weight gradient against the plain formula's autograd."""
     torch.manual_seed(0)
-    conv = WSConv2d(128, 128, kernel_size=3, padding=1, groups=32, bias=False).double()
+    conv = WSConv2d(128, 128, kernel_size=3, padding=1, groups=32, bias=False, formula=formula).double()
     assert conv.weight.shape == (128, 4, 3, 3)
     x = torch.randn(2, 128, 6, 6, dtype=torch.float64)
     out = conv(x)
     weight = conv.weight.detach().clone().requires_grad_()
-    expected = F.conv2d(x, reference_ws(weight), padding=1, groups=32)
+    expected = reference_ws(weight, eps_inside_sqrt=EPS_INSIDE_SQRT[formula])
+    expected = F.conv2d(x, expected, padding=1, groups=32)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
     grad_out = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, conv.weight, grad_out)
@@ -246,6 +258,17 @@ def test_cache_invalidated_by_new_parameter_or_data():
     assert_fresh(conv, new)
 
 
+def test_cache_invalidated_by_formula_change():
+    conv = make_conv().double()
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float64)
+    for formula in ("std_plus_eps", "sqrt_var_plus_eps", "std_plus_eps"):
+        conv.formula = formula
+        expected = reference_ws(conv.weight.detach(), eps_inside_sqrt=EPS_INSIDE_SQRT[formula])
+        with torch.no_grad():
+            conv.eval()(x)  # fills the cache
+            torch.testing.assert_close(conv(x), F.conv2d(x, expected, conv.bias, padding=1), rtol=1e-10, atol=1e-10)  # fmt: skip
+
+
 def test_cache_survives_deepcopy_correctly():
     conv = make_conv()
     old = cached(conv)
@@ -324,3 +347,27 @@ def test_empty_input_as_detectron2_conv2d():
     sync = WSConv2d(4, 8, 3, padding=1, norm=torch.nn.SyncBatchNorm(8))
     with pytest.raises(AssertionError, match="SyncBatchNorm does not support empty inputs"):
         sync(torch.zeros(0, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: WSConv2d(1, 4, kernel_size=1),  # 1 element per filter: the unbiased std divides by 0
+        lambda: standardize_weight(torch.randn(5)),
+        lambda: standardize_weight(torch.ones(4, 3, 3, 3, dtype=torch.int64)),
+    ],
+    ids=["one-element filters", "1-D weight", "integer weight"],
+)
+def test_weight_that_cannot_be_standardized(make):
+    with pytest.raises(ConfigError, match="cannot weight-standardize a weight of (shape|dtype)"):
+        make()
+
+
+def test_standardizable_edges_still_work():
+    # the smallest valid filter (2 elements) and a 2-D weight stay accepted and follow the formula
+    conv = WSConv2d(2, 4, kernel_size=1).double()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    expected = F.conv2d(x, reference_ws(conv.weight.detach()), conv.bias)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-9, atol=1e-9)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(standardize_weight(weight), reference_ws(weight), rtol=1e-10, atol=1e-10)

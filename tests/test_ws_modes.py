@@ -1,4 +1,5 @@
-"""MODEL.WS.MODE: the paper's WS ablations (MO, DO, AF, WN) as modes of WSConv2d, against their equations."""
+"""MODEL.WS.MODE: the paper's WS ablations (MO, DO, AF, WN) as modes of WSConv2d, against their equations
+(fold_ws of every mode: test_modeling.py)."""
 
 import pytest
 import torch
@@ -6,7 +7,6 @@ import torch
 import ws_d2
 from ws_d2.errors import ConfigError
 from ws_d2.layers import WS_MODES, WSConv2d, standardize_weight
-from ws_d2.modeling import fold_ws
 
 EPS = 1e-5
 
@@ -91,21 +91,6 @@ def test_gradcheck_through_the_conv(mode):
     names = {name for name, _ in c.named_parameters()}
     extra = {"standardize_affine": {"ws_gain", "ws_bias"}, "weight_norm": {"ws_gain"}}.get(mode, set())
     assert names == {"weight", "norm.weight", "norm.bias"} | extra
-
-
-@pytest.mark.parametrize("mode", WS_MODES)
-def test_fold_ws_keeps_outputs_for_every_mode(mode):
-    c = conv(mode, weight64(6, 4, 3, 3))
-    if mode in ("standardize_affine", "weight_norm"):
-        with torch.no_grad():
-            c.ws_gain.mul_(1.7)
-    c.eval()
-    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        expected = c(x)
-        folded = fold_ws(torch.nn.Sequential(c))
-    assert not any(isinstance(m, WSConv2d) for m in folded.modules())
-    torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-13)
 
 
 def test_unknown_mode_is_refused_by_name():
