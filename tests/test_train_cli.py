@@ -131,8 +131,9 @@ def test_bad_data_refused_when_loaded(case, train_net, capsys, tmp_path, tiny_co
         "not a COCO instances file": (tmp_path / "not_coco.json", tiny_data[0] / "val", ["it lacks annotations, categories"]),
         "COCO record that cannot train": (coco_json, coco_images, ["annotation id 12", "category_id 7"]),
     }[case]  # fmt: skip
-    flags = ["--coco-dataset", "bad", str(json_file), str(image_dir), "--config-file", tiny_config]
-    opts = ["DATASETS.TRAIN", "('bad',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
+    name = "bad_" + case.split()[0]
+    flags = ["--coco-dataset", name, str(json_file), str(image_dir), "--config-file", tiny_config]
+    opts = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
     run_refused(train_net, capsys, [*flags, *opts], 1, json_file, *named)
     assert not list((tmp_path / "out").glob("*.pth"))  # no training step ran
 
