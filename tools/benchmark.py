@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,9 +27,10 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
+from ws_d2.checkpoint import atomic_write
 from ws_d2.config import load_config
 from ws_d2.data import synthetic_batch
-from ws_d2.errors import ConfigError, WSD2Error, command_line
+from ws_d2.errors import ConfigError, command_line
 from ws_d2.model_zoo import get_config_file
 from ws_d2.modeling import count_ws_convs, fold_ws
 
@@ -101,26 +101,19 @@ def time_alternating(steps, rounds, warmup, device):
     return samples
 
 
-def fix_malloc_threshold():
-    """glibc's adaptive mmap threshold keeps freed tensors resident, so peak RSS would not follow live tensors."""
-    if hasattr(LIBC, "mallopt"):
-        LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-
-
 def release_freed_memory():
-    """Collect garbage and hand glibc's free heap pages back, so that RSS counts live memory only."""
+    """Collect garbage and hand glibc's free heap back; fix its mmap threshold, as its adaptive one keeps freed
+    tensors resident: RSS then follows the live tensors."""
     gc.collect()
-    if hasattr(LIBC, "malloc_trim"):
+    if hasattr(LIBC, "mallopt"):  # glibc
+        LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
         LIBC.malloc_trim(0)
 
 
 def proc_status_kib(name):
-    """A size field of /proc/self/status (VmRSS, VmHWM) in KiB."""
+    """A size field of /proc/self/status (VmRSS, VmHWM) in KiB: Linux only, as is /proc/self/clear_refs."""
     with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise WSD2Error(f"/proc/self/status has no {name}: CPU peak memory needs Linux")
+        return next(int(line.split()[1]) for line in status if line.startswith(name + ":"))
 
 
 def peak_memory_mib(build_step, device):
@@ -169,27 +162,25 @@ def rows_of(metric, size, batch, unit, samples):
     return rows
 
 
-def setting_rows(args, cfg, models, size, batch, mode):
-    """Time rows of one setting, the models alternating; then one peak-memory sample of each model."""
+def setting_rows(args, cfg, models, size, batch, mode, memory=False):
+    """Rows of one setting: the models' times, alternating; or (`memory`) one peak-memory sample of a fresh
+    copy of each model, so that its weights and optimizer state count too."""
     inputs = synthetic_batch(cfg, size, batch, seed=0, training=mode == "train")
-    names = ["ws", "gn"] if mode == "train" else ["ws", "gn", "folded"]
+    names, samples = ["ws", "gn"] if mode == "train" else ["ws", "gn", "folded"], {}
     with torch.set_grad_enabled(mode == "train"):
-        steps = {name: make_step(cfg, models[name], mode, inputs) for name in names}
-        rows = rows_of(
-            f"{mode}_time", size, batch, "s", time_alternating(steps, args.rounds, args.warmup, args.device)
-        )
-        if args.no_memory:
-            return rows
-        memory = {}
-        for name in names:  # a fresh copy of each model, so that its weights and optimizer state count too
+        if not memory:
+            steps = {name: make_step(cfg, models[name], mode, inputs) for name in names}
+            samples = time_alternating(steps, args.rounds, args.warmup, args.device)
+            return rows_of(f"{mode}_time", size, batch, "s", samples)
+        for name in names:
             fresh_step = lambda model=models[name]: make_step(cfg, copy.deepcopy(model), mode, inputs)  # noqa: E731
-            memory[name] = [peak_memory_mib(fresh_step, args.device)]
-    return rows + rows_of(f"{mode}_peak_memory", size, batch, "MiB", memory)
+            samples[name] = [peak_memory_mib(fresh_step, args.device)]
+    return rows_of(f"{mode}_peak_memory", size, batch, "MiB", samples)
 
 
 def run_benchmark(args, log=print):
-    """Time (and, unless args.no_memory, peak-memory) rows for every size, batch and mode."""
-    fix_malloc_threshold()
+    """Time rows, then (unless args.no_memory) peak-memory rows, of every size, batch and mode. Memory comes
+    last: its fixed mmap threshold would slow the timed steps after it."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -202,12 +193,13 @@ def run_benchmark(args, log=print):
     initial = copy.deepcopy(model.state_dict())
     labels = ("GN+WS", "GN") if args.twin_opts == GN_TWIN_OPTS else ("model", "twin")
     rows = []
-    for size, batch, mode in itertools.product(args.sizes, args.batches, args.modes):
-        model.load_state_dict(initial)  # training steps change the weights: every setting starts alike
-        load_shared_weights(twin, initial)
-        for row in setting_rows(args, cfg, models, size, batch, mode):
-            log(format_row(row, labels))
-            rows.append(row)
+    for memory in [False] if args.no_memory else [False, True]:
+        for size, batch, mode in itertools.product(args.sizes, args.batches, args.modes):
+            model.load_state_dict(initial)  # training steps change the weights: every setting starts alike
+            load_shared_weights(twin, initial)
+            for row in setting_rows(args, cfg, models, size, batch, mode, memory):
+                log(format_row(row, labels))
+                rows.append(row)
     return {
         "config_file": args.config_file,
         "labels": list(labels),
@@ -229,7 +221,8 @@ def format_row(row, labels=("GN+WS", "GN")):
     return f"{where}  {model} {model_value:>10}  {labels[1]} {twin_value:>10}  ratio {row['ratio']:.3f}x"
 
 
-def get_parser():
+def parse_args(argv=None):
+    """The options, with --quick and the defaults applied; settings that cannot run exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", help=f"GN+WS model config (default: ws_d2's {DEFAULT_CONFIG})")
     parser.add_argument("--sizes", type=int, nargs="+", default=[320, 800], help="shorter image side, px")
@@ -245,17 +238,9 @@ def get_parser():
     twin_help = "overrides that make the twin (default: MODEL.WS.ENABLED False, the GN twin)"
     parser.add_argument("--twin-opts", nargs="+", default=GN_TWIN_OPTS, metavar="KEY VALUE", help=twin_help)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return parser
-
-
-def parse_args(argv=None):
-    """The parsed options, --quick and the defaults applied; settings that cannot run exit 2."""
-    parser = get_parser()
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0 or min(args.sizes) < 1 or min(args.batches) < 1:
-        parser.error("--rounds, --sizes and --batches must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    if min(args.rounds, *args.sizes, *args.batches, args.threads or 1) < 1 or args.warmup < 0:
+        parser.error("--rounds, --sizes, --batches and --threads must be >= 1, --warmup >= 0")
     if args.quick:
         args.sizes, args.batches, args.rounds = [320], [1], 3
     args.config_file = args.config_file or get_config_file(DEFAULT_CONFIG)
@@ -268,7 +253,8 @@ def main(argv=None):
     args = parse_args(argv)
     result = run_benchmark(args, log=lambda line: print(line, flush=True))
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        with atomic_write(args.output, "w") as f:
+            json.dump(result, f, indent=2)
         print(f"wrote {args.output}")
     return 0
 

@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -28,6 +27,7 @@ import ws_d2  # noqa: F401  (its detectron2 fixes and registrations come before 
 # isort: split
 from detectron2.modeling import build_model
 
+from ws_d2.checkpoint import atomic_write
 from ws_d2.config import load_config
 from ws_d2.errors import command_line
 from ws_d2.export import deployable_inference, export_deployable
@@ -127,7 +127,8 @@ def main(argv=None):
     args = parse_args(argv)
     result = run_benchmark(args, log=lambda line: print(line, flush=True))
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        with atomic_write(args.output, "w") as f:
+            json.dump(result, f, indent=2)
         print(f"wrote {args.output}")
     return 0
 
