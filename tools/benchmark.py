@@ -179,8 +179,8 @@ def setting_rows(args, cfg, models, size, batch, mode, memory=False):
 
 
 def run_benchmark(args, log=print):
-    """Time rows, then (unless args.no_memory) peak-memory rows, of every size, batch and mode. Memory comes
-    last: its fixed mmap threshold would slow the timed steps after it."""
+    """Time and (unless args.no_memory) peak-memory rows of every size, batch and mode."""
+    release_freed_memory()  # from the start: memory samples taken after a dynamic-threshold heap were not stable
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -193,10 +193,10 @@ def run_benchmark(args, log=print):
     initial = copy.deepcopy(model.state_dict())
     labels = ("GN+WS", "GN") if args.twin_opts == GN_TWIN_OPTS else ("model", "twin")
     rows = []
-    for memory in [False] if args.no_memory else [False, True]:
-        for size, batch, mode in itertools.product(args.sizes, args.batches, args.modes):
-            model.load_state_dict(initial)  # training steps change the weights: every setting starts alike
-            load_shared_weights(twin, initial)
+    for size, batch, mode in itertools.product(args.sizes, args.batches, args.modes):
+        model.load_state_dict(initial)  # training steps change the weights: every setting starts alike
+        load_shared_weights(twin, initial)
+        for memory in [False] if args.no_memory else [False, True]:
             for row in setting_rows(args, cfg, models, size, batch, mode, memory):
                 log(format_row(row, labels))
                 rows.append(row)
