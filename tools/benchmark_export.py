@@ -116,7 +116,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0 or min(args.sizes) < 1 or (args.threads or 1) < 1:
+    threads = 1 if args.threads is None else args.threads
+    if min(args.rounds, *args.sizes, threads) < 1 or args.warmup < 0:
         parser.error("--rounds, --sizes and --threads must be >= 1, --warmup >= 0")
     args.config_file = args.config_file or get_config_file(DEFAULT_CONFIG)
     return args
