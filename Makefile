@@ -48,7 +48,8 @@ quickstart: env
 	$(PYTHON) tools/quickstart.py
 
 benchmark: env
-	$(PYTHON) tools/benchmark.py
+	mkdir -p output
+	$(PYTHON) tools/benchmark.py --output output/benchmark.json
 
 clean:
 	rm -rf $(VENV) .env-*.stamp output

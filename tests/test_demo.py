@@ -76,10 +76,7 @@ def test_read_image_grayscale_rgba_exif(demo, tmp_path):
     assert upright[:4, -4:].mean() > 200 and upright[:4, :4].mean() < 50  # marker now top-right
 
 
-def test_read_image_names_bad_file(demo, tmp_path):
-    (tmp_path / "notes.jpg").write_text("not an image")
-    with pytest.raises(demo.UnreadableImageError, match=r"notes\.jpg: cannot read as an image"):
-        demo.read_image_bgr(str(tmp_path / "notes.jpg"))
+def test_read_image_names_truncated_file(demo, tmp_path):
     truncated = tmp_path / "cut.png"
     save(truncated, synthetic_image())
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -171,10 +168,9 @@ def test_demo_cli_images_bad_inputs_and_json(tiny_config, model_opts, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["gray.jpg", "street.png"]
     assert cv2.imread(str(out / "street.png")).shape == (72, 96, 3)
 
-    predictions = COCO(str(tmp_path / "ann.json")).loadRes(str(results))  # scorable by pycocotools
+    # the ids come from --coco-json (test_demo_coco_results.py checks the results themselves)
+    predictions = COCO(str(tmp_path / "ann.json")).loadRes(str(results))
     assert {a["image_id"] for a in predictions.anns.values()} == {7, 9}
-    assert {a["category_id"] for a in predictions.anns.values()} <= {1, 2, 3}
-    assert all("counts" in a["segmentation"] for a in predictions.anns.values())
 
 
 def test_demo_names_missing_config_and_weights(demo, tiny_config, tmp_path, capsys):
@@ -267,16 +263,8 @@ class FakeCamera:
         self.frames = []
 
 
-def test_webcam_loop_with_fake_camera(demo, tiny_config, tiny_cfg, model_opts, tmp_path, monkeypatch, capsys):
+def test_webcam_with_fake_camera(demo, tiny_config, model_opts, tmp_path, monkeypatch, capsys):
     frames = [cv2.cvtColor(synthetic_image(), cv2.COLOR_RGB2BGR)] * 3
-    predictor = WSPredictor(tiny_cfg(*model_opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"))
-    visualization = VisualizationDemo(predictor)
-
-    count = demo.run_on_video(visualization, FakeCamera(frames), str(tmp_path / "cam.avi"), fps=10)
-    assert count == 3 and len(read_video(tmp_path / "cam.avi")) == 3
-    assert demo.run_on_video(visualization, iter(frames * 2), max_frames=4) == 4
-
-    # The command line's --webcam path, with cv2's camera replaced.
     argv = ["--config-file", tiny_config, "--webcam", "--output", str(tmp_path / "web")]
     with monkeypatch.context() as patch:
         patch.setattr(cv2, "VideoCapture", lambda index: FakeCamera(frames))

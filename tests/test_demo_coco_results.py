@@ -17,6 +17,7 @@ from ws_d2.errors import DatasetError
 # Data set category ids 3 and 7 (not contiguous, as in COCO) are the model's classes 0 and 1.
 METADATA_NAME = "ws_d2_test_coco_results"
 CATEGORY_IDS = {3: 0, 7: 1}
+COCO_ID_OF_CLASS = {0: 3, 1: 7}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def results_for(demo, coco, category_ids, shift=0.0):
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_perfect_predictions_score_100_and_shifted_less(demo, coco_ground_truth, iou_type):
     coco, _ = coco_ground_truth
-    category_ids = demo.category_ids_for(MetadataCatalog.get(METADATA_NAME))
+    _, category_ids = demo.coco_ids([], MetadataCatalog.get(METADATA_NAME))
     perfect = results_for(demo, coco, category_ids)
     assert {r["category_id"] for r in perfect} == {3, 7}
     assert all(isinstance(r["segmentation"]["counts"], str) for r in perfect)
@@ -124,37 +125,39 @@ def test_category_ids_need_the_metadata_mapping(demo, coco_ground_truth):
     assert {r["category_id"] for r in unmapped} == {0, 1}
     assert average_precision(coco, unmapped, "bbox") == 0
     with pytest.raises(DatasetError, match="the model's class 1 has no COCO category id"):
-        results_for(demo, coco, category_ids={3: 0})
+        results_for(demo, coco, category_ids={0: 3})
 
 
 def test_boxes_are_xywh(demo, coco_ground_truth):
     coco, _ = coco_ground_truth
-    result = results_for(demo, coco, CATEGORY_IDS)[0]
+    result = results_for(demo, coco, COCO_ID_OF_CLASS)[0]
     # integer pixel coordinates, exact in float32
     assert result["bbox"] == pytest.approx(coco.loadAnns(coco.getAnnIds(imgIds=[1]))[0]["bbox"])
 
 
 def test_image_ids(demo, coco_ground_truth, tmp_path):
     _, annotation_file = coco_ground_truth
-    assert demo.assign_image_ids(["a/000000000139.jpg", "b/42.png"]) == {
-        "a/000000000139.jpg": 139,
-        "b/42.png": 42,
-    }
-    assert demo.assign_image_ids(["x/cat.jpg", "x/7.jpg"]) == {"x/cat.jpg": 1, "x/7.jpg": 2}
-    assert demo.assign_image_ids(["d/img2.png"], str(annotation_file)) == {"d/img2.png": 2}
+
+    def image_ids(paths, annotations=None):
+        return demo.coco_ids(paths, None, annotations)[0]
+
+    assert image_ids(["a/000000000139.jpg", "b/42.png"]) == {"a/000000000139.jpg": 139, "b/42.png": 42}
+    assert image_ids(["x/cat.jpg", "x/7.jpg"]) == {"x/cat.jpg": 1, "x/7.jpg": 2}
+    assert image_ids(["x/7.jpg", "y/007.jpg"]) == {"x/7.jpg": 1, "y/007.jpg": 2}  # the same number twice
+    assert image_ids(["d/img2.png"], str(annotation_file)) == {"d/img2.png": 2}
     with pytest.raises(DatasetError, match="lists no image named img9.png"):
-        demo.assign_image_ids(["d/img2.png", "d/img9.png"], str(annotation_file))
+        image_ids(["d/img2.png", "d/img9.png"], str(annotation_file))
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(DatasetError, match=r"list\.json: not a COCO annotation file"):
-        demo.assign_image_ids(["d/img2.png"], str(tmp_path / "list.json"))
+        image_ids(["d/img2.png"], str(tmp_path / "list.json"))
 
 
 def test_category_ids_from_metadata_or_annotation_file(demo, coco_ground_truth):
     _, annotation_file = coco_ground_truth
-    assert demo.category_ids_for(MetadataCatalog.get(METADATA_NAME)) == CATEGORY_IDS
+    assert demo.coco_ids([], MetadataCatalog.get(METADATA_NAME))[1] == COCO_ID_OF_CLASS
     # Names only (a set registered before detectron2 loaded it): the annotation file decides, in
     # detectron2's order, so the results score against that file.
     names_only = MetadataCatalog.get("ws_d2_test_names_only")
     names_only.thing_classes = ["cat", "dog"]
-    assert demo.category_ids_for(names_only, str(annotation_file)) == CATEGORY_IDS
-    assert demo.category_ids_for(names_only) is None
+    assert demo.coco_ids([], names_only, str(annotation_file))[1] == COCO_ID_OF_CLASS
+    assert demo.coco_ids([], names_only)[1] is None
