@@ -49,13 +49,15 @@ def write_coco_set(root, category_id):
 
 def refusal_cases(tmp_path, tiny_config, tiny_data):
     """{case: (argv, exit status, what the line names)}, all with OUTPUT_DIR tmp_path/out (or under a file)."""
-    root, data, _ = tiny_data
+    root, data, data_flags = tiny_data
     (tmp_path / "text.pth").write_text("these are not weights\n")
     (tmp_path / "crafted.pkl").write_bytes(pickle.dumps({"model": _RunsCode()}))
     (tmp_path / "a_file").write_text("")
 
     def train(*opts, flags=(), config=tiny_config, output=tmp_path / "out"):
-        return ["--config-file", str(config), *flags, *data, "OUTPUT_DIR", str(output), *opts]
+        # as on a command line: the flags that register the tiny set (already registered in this process:
+        # the same registration again is accepted) and the opts that use it
+        return ["--config-file", str(config), *data_flags, *flags, *data, "OUTPUT_DIR", str(output), *opts]
 
     def dataset(name, json_file, image_dir):
         return train(flags=["--coco-dataset", name, str(json_file), str(image_dir)])
