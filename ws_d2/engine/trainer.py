@@ -26,13 +26,16 @@ __all__ = ["WSTrainer", "check_trainable"]
 
 def check_trainable(cfg, world_size):
     """Refuse, in one line and before anything is built, a config that cannot train on `world_size`
-    processes: a batch that does not divide into micro-batches, or AMP off CUDA (fp16 autocast is CUDA's;
-    bf16 autocast on the CPU is not supported by every op here)."""
+    processes: a batch that does not divide into micro-batches, or an AMP precision the device cannot run."""
     micro_batch_size(cfg, world_size)
-    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+    precision, device = cfg.SOLVER.AMP.PRECISION, str(cfg.MODEL.DEVICE)
+    if cfg.SOLVER.AMP.ENABLED and precision not in ("float16", "bfloat16"):
+        raise ConfigError(f"SOLVER.AMP.PRECISION must be float16 or bfloat16, got {precision!r}")
+    # the CPU's float16 convolutions are emulated, several times slower than fp32 (docs/TRAINING.md)
+    if cfg.SOLVER.AMP.ENABLED and precision == "float16" and not device.startswith("cuda"):
         raise ConfigError(
-            f"SOLVER.AMP.ENABLED needs a CUDA device (MODEL.DEVICE is '{cfg.MODEL.DEVICE}'); "
-            "on the CPU train in fp32: SOLVER.AMP.ENABLED False"
+            f"SOLVER.AMP.ENABLED needs a CUDA device for SOLVER.AMP.PRECISION float16 (MODEL.DEVICE is "
+            f"'{device}'); on the CPU use SOLVER.AMP.PRECISION bfloat16"
         )
 
 
@@ -47,16 +50,21 @@ class WSTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
+        precision = getattr(torch, cfg.SOLVER.AMP.PRECISION) if cfg.SOLVER.AMP.ENABLED else None
+        # as detectron2's AMPTrainer: float16 scales the loss, bfloat16 has fp32's range and needs no scaler
+        scaler = (
+            torch.amp.GradScaler(torch.device(cfg.MODEL.DEVICE).type) if precision == torch.float16 else None
+        )
         self._trainer = MicroBatchTrainer(
             model,
             data_loader,
             optimizer,
             cfg.SOLVER.ITER_SIZE,
-            grad_scaler,
+            scaler,
             min_moving_speed=cfg.MODEL.BCN.MIN_MOVING_SPEED
             if cfg.MODEL.BCN.ENABLED and cfg.MODEL.BCN.ESTIMATE
             else None,
+            precision=precision,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
