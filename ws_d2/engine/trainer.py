@@ -73,6 +73,16 @@ class WSTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    # detectron2 v0.6's DefaultTrainer checkpoints no state of its _trainer (main's does): without these,
+    # --resume would restart the optimizer's momentum and the GradScaler's scale
+    def state_dict(self):
+        return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent from checkpoints written before
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
     @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's train loader, batched per micro-batch: IMS_PER_BATCH / ITER_SIZE over all processes."""
