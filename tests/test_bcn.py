@@ -391,3 +391,18 @@ def test_quickstart_bcn_config_trains_evaluates_and_draws(tmp_path, repo_root, t
     done = subprocess.run(demo, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "drawn").iterdir())) == 2
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_autocast_runs_bcn_in_fp32(estimate):
+    """Under bf16 autocast the batch step (EstBN's estimates too) and the group normalization run in fp32, as
+    autocast runs BatchNorm and GroupNorm: bitwise the fp32 layer on the bf16 input, an fp32 output."""
+    amp, fp32 = _bcn(estimate).float().train(), _bcn(estimate).float().train()
+    set_moving_speed(amp, 0.5), set_moving_speed(fp32, 0.5)  # the estimates move
+    x = _x(4, C, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = amp(x)
+    assert out.dtype == torch.float32 and torch.equal(out, fp32(x.float()))
+    assert not torch.equal(fp32.batch_norm.running_mean, _bcn(estimate).batch_norm.running_mean.float())
+    for name, value in fp32.batch_norm.state_dict().items():
+        assert torch.equal(amp.batch_norm.state_dict()[name], value), name
