@@ -10,7 +10,7 @@ ENV_STAMP := $(VENV)/.ws_d2-setup.stamp
 SETUP_ARGS := --venv $(VENV)
 endif
 
-.PHONY: env test test-quick lint format quickstart benchmark clean
+.PHONY: env test test-quick lint format quickstart benchmark cuda-check clean
 
 env: $(ENV_STAMP)
 
@@ -37,6 +37,10 @@ quickstart: env
 
 benchmark: env
 	$(PYTHON) tools/benchmark.py
+
+# on a GPU machine: the CUDA tests, the benchmark at fp32/fp16/bf16, AMP training via torchrun, export (< 10 min)
+cuda-check: env
+	$(PYTHON) tools/cuda_check.py
 
 clean:
 	rm -rf $(VENV) .env-*.stamp output
