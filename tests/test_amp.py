@@ -171,8 +171,18 @@ def test_bf16_autocast_inference_runs_on_the_cpu(tiny_cfg, bf16_trained):
 
 @pytest.mark.slow
 def test_bf16_through_two_gloo_processes(tmp_path, tiny_dataset, start_train_net):
-    _, flags = tiny_dataset(tmp_path / "data", "amp_gloo", num_train=4)
-    args = [*flags, "--num-cpu-procs", "2", *BF16, "SOLVER.IMS_PER_BATCH", "4", "SOLVER.ITER_SIZE", "2"]
+    data_opts, flags = tiny_dataset(tmp_path / "data", "amp_gloo", num_train=4)
+    args = [
+        *flags,
+        "--num-cpu-procs",
+        "2",
+        *data_opts,
+        *BF16,
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.ITER_SIZE",
+        "2",
+    ]
     args += ["SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")]
     process = start_train_net(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = process.communicate(timeout=600)[0]

@@ -406,3 +406,14 @@ def test_autocast_runs_bcn_in_fp32(estimate):
     assert not torch.equal(fp32.batch_norm.running_mean, _bcn(estimate).batch_norm.running_mean.float())
     for name, value in fp32.batch_norm.state_dict().items():
         assert torch.equal(amp.batch_norm.state_dict()[name], value), name
+
+
+def test_bf16_training_step_of_the_bcn_ws_model(tmp_path, tiny_cfg, tiny_dataset, exact_step_opts):
+    data_opts, _ = tiny_dataset(tmp_path / "data", "bcn_bf16", num_train=4, max_objects=1)
+    amp = ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]
+    trainer, stem_norm, seen = _train_one_step(
+        tiny_cfg(*data_opts, *exact_step_opts, *BCN_OPTS, *amp, "OUTPUT_DIR", str(tmp_path / "out"))
+    )
+    assert [x.dtype for _, x in seen] == [torch.float32]  # the stem's bf16 conv output, BCN's fp32 step
+    assert stem_norm.running_mean.dtype == torch.float32 and torch.isfinite(stem_norm.running_mean).all()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
