@@ -105,7 +105,6 @@ def test_bf16_micro_batches_equal_one_big_batch(tmp_path, tiny_cfg, step_data):
     # fp32 agrees to 5e-6 (tests/test_train_micro_batch.py); bf16 rounds each image's activations the same
     # way in a batch of 2 or 4, so only the summation order differs again. Measured: 0.3 %. A wrong average
     # (no 1/ITER_SIZE, a lost micro-batch) is off by 50-100 %.
-    print("MICRO", relative_difference(micro, big))
     assert relative_difference(micro, big) < 0.02
 
 
@@ -131,7 +130,7 @@ def test_fp16_resume_restores_the_grad_scaler(tmp_path, tiny_cfg, step_data, mon
 
 @pytest.fixture(scope="module")
 def bf16_trained(tmp_path_factory, tiny_cfg, tiny_dataset):
-    """The tiny model trained 3 steps under bf16 autocast: (its config, model_final.pth)."""
+    """The model_final.pth of the tiny model trained 3 steps under bf16 autocast."""
     root = tmp_path_factory.mktemp("amp_trained")
     data_opts, _ = tiny_dataset(root / "data", "amp_trained", num_train=4)
     opts = [*data_opts, *BF16, "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", str(root)]
