@@ -11,7 +11,7 @@ ENV_STAMP := $(VENV)/.ws_d2-setup.stamp
 SETUP_ARGS := --venv $(VENV)
 endif
 
-.PHONY: env test test-quick test-d2main lint format quickstart benchmark clean
+.PHONY: env test test-quick test-d2main lint format quickstart benchmark cuda-check clean
 
 # test-d2main: D2_DIR holds a `detectron2` package (e.g. a source checkout built in place); when it has none,
 # detectron2 main is built there with its compiled ops (~2 min on 2 cores) from D2_SRC
@@ -50,6 +50,10 @@ quickstart: env
 benchmark: env
 	mkdir -p output
 	$(PYTHON) tools/benchmark.py --output output/benchmark.json
+
+# on a GPU machine: the CUDA tests, the benchmark at fp32/fp16/bf16, AMP training via torchrun, export (< 10 min)
+cuda-check: env
+	$(PYTHON) tools/cuda_check.py
 
 clean:
 	rm -rf $(VENV) .env-*.stamp output

@@ -308,3 +308,29 @@ def test_quickstart_bcn_config_trains_evaluates_and_draws(tmp_path, repo_root, t
     done = subprocess.run(demo, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "drawn").iterdir())) == 2
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_autocast_runs_bcn_in_fp32(estimate):
+    """Under bf16 autocast the batch step (EstBN's estimates too) and the group normalization run in fp32, as
+    autocast runs BatchNorm and GroupNorm: bitwise the fp32 layer on the bf16 input, an fp32 output."""
+    amp, fp32 = _bcn(estimate).float().train(), _bcn(estimate).float().train()
+    set_moving_speed(amp, 0.5), set_moving_speed(fp32, 0.5)  # the estimates move
+    x = _x(4, C, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = amp(x)
+    assert out.dtype == torch.float32 and torch.equal(out, fp32(x.float()))
+    assert not torch.equal(fp32.batch_norm.running_mean, _bcn(estimate).batch_norm.running_mean.float())
+    for name, value in fp32.batch_norm.state_dict().items():
+        assert torch.equal(amp.batch_norm.state_dict()[name], value), name
+
+
+def test_bf16_training_step_of_the_bcn_ws_model(tmp_path, tiny_cfg, tiny_dataset, exact_step_opts):
+    data_opts, _ = tiny_dataset(tmp_path / "data", "bcn_bf16", num_train=4, max_objects=1)
+    amp = ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]
+    trainer, stem_norm, seen = _train_one_step(
+        tiny_cfg(*data_opts, *exact_step_opts, *BCN_OPTS, *amp, "OUTPUT_DIR", str(tmp_path / "out"))
+    )
+    assert [x.dtype for _, x in seen] == [torch.float32]  # the stem's bf16 conv output, BCN's fp32 step
+    assert stem_norm.running_mean.dtype == torch.float32 and torch.isfinite(stem_norm.running_mean).all()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

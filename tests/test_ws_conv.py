@@ -371,3 +371,67 @@ def test_standardizable_edges_still_work():
     torch.testing.assert_close(conv(x), expected, rtol=1e-9, atol=1e-9)
     weight = torch.randn(3, 4, dtype=torch.float64)
     torch.testing.assert_close(standardize_weight(weight), reference_ws(weight), rtol=1e-10, atol=1e-10)
+
+
+def fused_and_composite_under_autocast(device, dtype, bias=True):
+    """The fused conv under autocast, and the composite (autograd of standardize_weight, then autocast's conv),
+    on the same input: (outputs, gradients of x, W and bias, the fused forward's saved tensors, its grad_fn)."""
+    torch.manual_seed(0)
+    conv = WSConv2d(16, 32, kernel_size=3, padding=1, bias=bias).to(device)
+    x = torch.randn(2, 16, 6, 6, device=device)  # 1152 values: not weight-sized (4608)
+    leaves = [x.clone().requires_grad_(), conv.weight, conv.bias]
+    copies = [t.detach().clone().requires_grad_() for t in leaves if t is not None]
+    saved = []
+    with torch.autocast(device, dtype=dtype):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fused = conv(leaves[0])
+        composite = F.conv2d(copies[0], standardize_weight(copies[1], EPS), *copies[2:], padding=1)
+    grad = torch.randn_like(fused)
+    fused.backward(grad)
+    composite.backward(grad)
+    grads = [(a.grad, b.grad) for a, b in zip([t for t in leaves if t is not None], copies)]
+    return (fused, composite), grads, saved, conv.weight, type(fused.grad_fn).__name__
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_takes_the_fused_path_and_keeps_only_the_raw_weight(bias):
+    outputs, grads, saved, weight, grad_fn = fused_and_composite_under_autocast("cpu", torch.bfloat16, bias)
+    assert grad_fn == "_WSConvolutionBackward" and outputs[0].dtype == torch.bfloat16
+    # the one weight-sized tensor kept for backward is the fp32 parameter itself: no W_hat, fp32 or bf16
+    weight_sized = [t for t in saved if t.numel() == weight.numel()]
+    assert len(weight_sized) == 1 and weight_sized[0].data_ptr() == weight.data_ptr()
+    assert [t.dtype for t in saved if t.dim() == 4 and t.shape[0] == 2] == [torch.bfloat16]  # x, cast once
+    # the same kernels on the same bf16 operands, the same fp32 statistics: bitwise the composite's
+    assert torch.equal(*outputs)
+    for fused_grad, composite_grad in grads:
+        assert fused_grad.dtype == torch.float32 and torch.equal(fused_grad, composite_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (make cuda-check)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_fused_path_matches_the_composite(dtype):
+    outputs, grads, saved, weight, grad_fn = fused_and_composite_under_autocast("cuda", dtype)
+    assert grad_fn == "_WSConvolutionBackward" and outputs[0].dtype == dtype
+    assert [t.data_ptr() for t in saved if t.numel() == weight.numel()] == [weight.data_ptr()]
+    # cuDNN may pick another algorithm per call: equal up to the half type's rounding
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(*outputs, rtol=tolerance, atol=tolerance)
+    for fused_grad, composite_grad in grads:
+        scale = composite_grad.abs().max()
+        torch.testing.assert_close(fused_grad, composite_grad, rtol=tolerance, atol=tolerance * scale)
+
+
+def test_near_zero_variance_filters_stay_finite_under_bf16():
+    torch.manual_seed(0)
+    conv = WSConv2d(4, 6, kernel_size=3, padding=1, norm=torch.nn.GroupNorm(2, 6))
+    with torch.no_grad():
+        conv.weight[2].fill_(0.25)  # std exactly 0
+        conv.weight[3] = 0.3 + 1e-7 * torch.randn(4, 3, 3)  # std 1e-7, far below eps; bf16 cannot hold it
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        out.float().square().sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+        assert torch.isfinite(conv.weight.grad).all()

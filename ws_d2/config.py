@@ -33,6 +33,7 @@ def add_ws_config(cfg):
     cfg.MODEL.BCN.MIN_MOVING_SPEED = 0.01  # EstBN's r = max(1 / (t + 1), this): ws_d2.layers.moving_speed
     # IMS_PER_BATCH stays the images per optimizer step, run as ITER_SIZE forward/backward passes
     cfg.SOLVER.ITER_SIZE = 1
+    cfg.SOLVER.AMP.PRECISION = "float16"  # d2go's key; bfloat16 (CUDA, CPU) has fp32's range: no GradScaler
     # True: detectron2's compiled COCOeval or, without it, faster-coco-eval (the same figures); False: pycocotools
     cfg.TEST.FAST_COCO_EVAL = True
     return cfg

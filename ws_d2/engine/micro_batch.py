@@ -35,20 +35,32 @@ def micro_batch_size(cfg, world_size):
 class MicroBatchTrainer(SimpleTrainer):
     """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size: the big batch's
     gradient where each loss normalizer counts images (docs/TRAINING.md). Under DDP it all-reduces once a step.
-    With a `grad_scaler` the passes run under CUDA autocast (mixed precision), like detectron2's AMPTrainer.
+    With `precision` (torch.float16 or torch.bfloat16) the passes run under autocast on the model's device, like
+    detectron2's AMPTrainer; float16 wants a `grad_scaler` (its range ends at 65504), bfloat16 needs none.
     With `min_moving_speed` (BCN's EstBN) r is set before every forward pass from the passes so far: one step of
     ITER_SIZE k moves the estimates as k steps of its micro-batches would.
     """
 
-    def __init__(self, model, data_loader, optimizer, iter_size=1, grad_scaler=None, min_moving_speed=None):
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        iter_size=1,
+        grad_scaler=None,
+        min_moving_speed=None,
+        precision=None,
+    ):
         super().__init__(model, data_loader, optimizer)
         self.iter_size = iter_size
         self.grad_scaler = grad_scaler
+        self.precision = precision
+        self.device_type = next(model.parameters()).device.type
         self.min_moving_speed = min_moving_speed
 
     def _forward_backward(self, data):
-        autocast = torch.autocast("cuda") if self.grad_scaler is not None else contextlib.nullcontext()
-        with autocast:
+        enabled = self.precision is not None
+        with torch.autocast(self.device_type, dtype=self.precision, enabled=enabled):
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}

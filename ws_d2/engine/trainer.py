@@ -26,13 +26,16 @@ __all__ = ["WSTrainer", "check_trainable"]
 
 def check_trainable(cfg, world_size):
     """Refuse, in one line and before anything is built, a config that cannot train on `world_size`
-    processes: a batch that does not divide into micro-batches, or AMP off CUDA (fp16 autocast is CUDA's;
-    bf16 autocast on the CPU is not supported by every op here)."""
+    processes: a batch that does not divide into micro-batches, or an AMP precision the device cannot run."""
     micro_batch_size(cfg, world_size)
-    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+    precision, device = cfg.SOLVER.AMP.PRECISION, str(cfg.MODEL.DEVICE)
+    if cfg.SOLVER.AMP.ENABLED and precision not in ("float16", "bfloat16"):
+        raise ConfigError(f"SOLVER.AMP.PRECISION must be float16 or bfloat16, got {precision!r}")
+    # the CPU's float16 convolutions are emulated, several times slower than fp32 (docs/TRAINING.md)
+    if cfg.SOLVER.AMP.ENABLED and precision == "float16" and not device.startswith("cuda"):
         raise ConfigError(
-            f"SOLVER.AMP.ENABLED needs a CUDA device (MODEL.DEVICE is '{cfg.MODEL.DEVICE}'); "
-            "on the CPU train in fp32: SOLVER.AMP.ENABLED False"
+            f"SOLVER.AMP.ENABLED needs a CUDA device for SOLVER.AMP.PRECISION float16 (MODEL.DEVICE is "
+            f"'{device}'); on the CPU use SOLVER.AMP.PRECISION bfloat16"
         )
 
 
@@ -49,16 +52,21 @@ class WSTrainer(DefaultTrainer):
         # detectron2 (main too) gives DDP device_ids=[local rank] by default, which a CPU model must not get
         device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
-        grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
+        precision = getattr(torch, cfg.SOLVER.AMP.PRECISION) if cfg.SOLVER.AMP.ENABLED else None
+        # as detectron2's AMPTrainer: float16 scales the loss, bfloat16 has fp32's range and needs no scaler
+        scaler = (
+            torch.amp.GradScaler(torch.device(cfg.MODEL.DEVICE).type) if precision == torch.float16 else None
+        )
         self._trainer = MicroBatchTrainer(
             model,
             data_loader,
             optimizer,
             cfg.SOLVER.ITER_SIZE,
-            grad_scaler,
+            scaler,
             min_moving_speed=cfg.MODEL.BCN.MIN_MOVING_SPEED
             if cfg.MODEL.BCN.ENABLED and cfg.MODEL.BCN.ESTIMATE
             else None,
+            precision=precision,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -66,6 +74,16 @@ class WSTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    # detectron2 v0.6's DefaultTrainer checkpoints no state of its _trainer (main's does): without these,
+    # --resume would restart the optimizer's momentum and the GradScaler's scale
+    def state_dict(self):
+        return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent from checkpoints written before
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -118,6 +118,9 @@ class BatchChannelNorm(nn.Module):
         return f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}"
 
     def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # in fp32, as autocast runs BatchNorm and GroupNorm
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float())
         if self.training and isinstance(self.batch_norm, nn.BatchNorm2d) and x.numel() == x.shape[1]:
             raise ConfigError(
                 f"{self.name}: the BN step of batch-channel norm needs more than one value per channel in "

@@ -84,43 +84,51 @@ class _StandardizeWeight(torch.autograd.Function):
 
 class _WSConvolution(torch.autograd.Function):
     """conv2d(x, WS(W)) that saves the raw W and recomputes W_hat in backward: composed, autograd would keep
-    W_hat alive, one extra copy of every trainable conv weight, for the price of one elementwise pass."""
+    W_hat alive, one extra copy of every trainable conv weight, for the price of one elementwise pass.
+    The conv runs in x's dtype (autocast's half type, cast by the caller); the statistics stay in W's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, formula, stride, padding, dilation, groups):
-        flat = weight.reshape(weight.shape[0], -1)
-        w_hat, mean, std, inv_denom = _standardize_rows(flat, eps, formula)
-        ctx.save_for_backward(x, weight, mean, std, inv_denom)
-        ctx.formula = formula
-        ctx.conv_args = (None if bias is None else list(bias.shape), stride, padding, dilation, groups)
-        return F.conv2d(x, w_hat.view_as(weight), bias, stride, padding, dilation, groups)
+        # autocast off: it would run the variance's vecdot in half precision
+        with torch.autocast(weight.device.type, enabled=False):
+            flat = weight.reshape(weight.shape[0], -1)
+            w_hat, mean, std, inv_denom = _standardize_rows(flat, eps, formula)
+            w_hat = w_hat.to(x.dtype)  # cast once; the fp32 W_hat is freed before the conv
+            ctx.save_for_backward(x, weight, mean, std, inv_denom)
+            ctx.formula = formula
+            ctx.conv_args = (None if bias is None else list(bias.shape), stride, padding, dilation, groups)
+            return F.conv2d(x, w_hat.view_as(weight), bias, stride, padding, dilation, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         x, weight, mean, std, inv_denom = ctx.saved_tensors
         bias_sizes, stride, padding, dilation, groups = ctx.conv_args
-        w_hat = _apply_statistics(weight.reshape(weight.shape[0], -1), mean, inv_denom)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
-            grad_output,
-            x,
-            w_hat.view_as(weight),
-            bias_sizes,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [needs_x, needs_weight, needs_bias and bias_sizes is not None],
-        )
-        grad_weight = None
-        if needs_weight:
-            grad_weight = _standardize_rows_backward(
-                grad_w_hat.reshape(w_hat.shape), w_hat, std, inv_denom, ctx.formula
+        flat = weight.reshape(weight.shape[0], -1)
+        with torch.autocast(weight.device.type, enabled=False):
+            w_hat = _apply_statistics(flat, mean, inv_denom).to(x.dtype)
+            needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+            grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
+                grad_output,
+                x,
+                w_hat.view_as(weight),
+                bias_sizes,
+                stride,
+                padding,
+                dilation,
+                False,
+                [0, 0],
+                groups,
+                [needs_x, needs_weight, needs_bias and bias_sizes is not None],
             )
-            grad_weight = grad_weight.view_as(weight)
+            grad_weight = None
+            if needs_weight:
+                if x.dtype != weight.dtype:  # the fp32 W_hat again: never both copies alive through the conv
+                    w_hat, grad_w_hat = _apply_statistics(flat, mean, inv_denom), grad_w_hat.to(weight.dtype)
+                grad_weight = _standardize_rows_backward(
+                    grad_w_hat.reshape(w_hat.shape), w_hat, std, inv_denom, ctx.formula
+                )
+                grad_weight = grad_weight.view_as(weight)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -287,20 +295,23 @@ class WSConv2d(Conv2d):
             assert not isinstance(self.norm, torch.nn.SyncBatchNorm), (
                 "SyncBatchNorm does not support empty inputs!"
             )
-        weight = self.weight
+        weight, device = self.weight, x.device.type
+        # autocast's rule for a conv: fp32 operands in its half type (float64 stays)
+        half = torch.is_autocast_enabled(device) and weight.dtype == torch.float32
+        dtype = torch.get_autocast_dtype(device) if half else weight.dtype
         if (
             self.mode == "standardize"
             and torch.is_grad_enabled()
             and weight.requires_grad
             and weight.dtype in (torch.float32, torch.float64)
             and not isinstance(self.padding, str)
-            and not torch.is_autocast_enabled(x.device.type)
         ):
-            # the memory-lean fused path; under autocast the composite path keeps the statistics in fp32
+            # the memory-lean fused path, under autocast too (statistics in fp32, the conv in half)
+            bias = None if self.bias is None else self.bias.to(dtype)
             x = _WSConvolution.apply(
-                x,
+                x.to(dtype),
                 weight,
-                self.bias,
+                bias,
                 self.eps,
                 self.formula,
                 self.stride,
@@ -311,7 +322,7 @@ class WSConv2d(Conv2d):
         else:
             x = F.conv2d(
                 x,
-                self.standardized_weight(),
+                self.standardized_weight().to(dtype),  # cast once, before the conv: no fp32 W_hat beside it
                 self.bias,
                 self.stride,
                 self.padding,
