@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
+import ws_d2  # first: it patches what an older detectron2 needs before detectron2 is imported
 
 # isort: split
 import cv2

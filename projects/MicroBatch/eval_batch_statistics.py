@@ -9,7 +9,7 @@ Writes OUTPUT_DIR/eval_results.json like `tools/train_net.py --eval-only`.
 
 import sys
 
-import ws_d2  # first: it fixes detectron2 v0.6 for today's libraries before detectron2 is imported
+import ws_d2  # first: it patches what an older detectron2 needs before detectron2 is imported
 
 # isort: split
 import torch
