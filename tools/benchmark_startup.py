@@ -14,8 +14,11 @@ train_net.py (e.g. an older ws_d2). Figures: docs/BENCHMARK.md#start-up-at-coco-
 """
 
 import argparse
+import glob
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,20 +75,25 @@ def train_opts(procs, output_dir):
             "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", output_dir]  # fmt: skip
 
 
-def measure(json_file, image_dir, procs, train_net, env):
-    """{what: seconds} for one data set: loads in one process, train_net to 1 iteration with `procs`."""
+def measure(json_file, image_dir, procs, train_net, env, repeat):
+    """{what: median seconds over `repeat` interleaved rounds} for one data set."""
     me = [sys.executable, os.path.abspath(__file__)]
-    cache = tempfile.mkdtemp(prefix="ws_d2_cache_")
-    env = dict(env, WS_D2_CACHE=cache, OMP_NUM_THREADS="1")
-    row = {"detectron2 load_coco_json": timed([*me, "--load", "detectron2", json_file, image_dir], env)}
-    row["ws_d2 load, checked"] = timed([*me, "--load", "ws_d2", json_file, image_dir], env)
-    row["ws_d2 load, remembered"] = timed([*me, "--load", "ws_d2", json_file, image_dir], env)
+    env = dict(env, OMP_NUM_THREADS="1")
     config = subprocess.run([sys.executable, "-c", "import ws_d2; from detectron2 import model_zoo as z; "
                              f"print(z.get_config_file({STOCK_CONFIG!r}))"], env=env, capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
-    for n in procs:
-        env = dict(env, WS_D2_CACHE=tempfile.mkdtemp(prefix="ws_d2_cache_"))
-        with tempfile.TemporaryDirectory() as out:
+    samples = {}
+    for _ in range(repeat):
+        loads = tempfile.mkdtemp(prefix="ws_d2_cache_")  # a fresh cache per round: nothing checked yet
+        runs = {
+            "detectron2 load_coco_json": ([*me, "--load", "detectron2", json_file, image_dir], loads),
+            "ws_d2 load, checked": ([*me, "--load", "ws_d2", json_file, image_dir], loads),
+            "ws_d2 load, remembered": ([*me, "--load", "ws_d2", json_file, image_dir], loads),
+        }
+        for n in procs:
+            out, cache = tempfile.mkdtemp(prefix="ws_d2_startup_"), tempfile.mkdtemp(prefix="ws_d2_cache_")
+            ws = [sys.executable, train_net, "--config-file", config, "--num-cpu-procs", str(n),
+                  "--coco-dataset", "scale", json_file, image_dir]  # fmt: skip
             stock = [
                 *me,
                 "--stock-train",
@@ -95,12 +103,14 @@ def measure(json_file, image_dir, procs, train_net, env):
                 config,
                 *train_opts(n, out + "/stock"),
             ]
-            row[f"detectron2, {n} proc"] = timed(stock, env)
-            ws = [sys.executable, train_net, "--config-file", config, "--num-cpu-procs", str(n),
-                  "--coco-dataset", "scale", json_file, image_dir]  # fmt: skip
-            row[f"ws_d2, {n} proc"] = timed([*ws, *train_opts(n, out + "/ws1")], env)
-            row[f"ws_d2 again, {n} proc"] = timed([*ws, *train_opts(n, out + "/ws2")], env)
-    return row
+            runs[f"detectron2, {n} proc"] = (stock, cache)
+            runs[f"ws_d2, {n} proc"] = ([*ws, *train_opts(n, out + "/ws1")], cache)
+            runs[f"ws_d2 again, {n} proc"] = ([*ws, *train_opts(n, out + "/ws2")], cache)
+        for name, (command, cache) in runs.items():
+            samples.setdefault(name, []).append(timed(command, dict(env, WS_D2_CACHE=cache)))
+        for folder in glob.glob(os.path.join(tempfile.gettempdir(), "ws_d2_startup_*")):
+            shutil.rmtree(folder, ignore_errors=True)  # the runs' checkpoints
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def load(kind, json_file, image_dir):
@@ -117,8 +127,8 @@ def load(kind, json_file, image_dir):
 
 
 def stock_train(procs, json_file, image_dir, config, opts):
-    """detectron2 alone: its config, register_coco_instances, DefaultTrainer (ws_d2 only launches Gloo
-    processes, which detectron2 v0.6 cannot)."""
+    """detectron2 alone, as its tools/train_net.py: its config, register_coco_instances, default_setup,
+    DefaultTrainer (ws_d2 only launches the Gloo processes, which detectron2 v0.6 cannot)."""
     from ws_d2.engine import launch  # first: detectron2 v0.6 needs its fixes
 
     launch(_stock_worker, procs, args=(json_file, image_dir, config, opts), use_cuda=False)
@@ -127,7 +137,7 @@ def stock_train(procs, json_file, image_dir, config, opts):
 def _stock_worker(json_file, image_dir, config, opts):
     from detectron2.config import get_cfg
     from detectron2.data.datasets import register_coco_instances
-    from detectron2.engine import DefaultTrainer, defaults
+    from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, defaults
     from torch.nn.parallel import DistributedDataParallel
 
     # detectron2 pins DDP to a GPU (device_ids); a CPU model takes none
@@ -138,6 +148,7 @@ def _stock_worker(json_file, image_dir, config, opts):
     cfg = get_cfg()
     cfg.merge_from_file(config)
     cfg.merge_from_list(opts)
+    default_setup(cfg, default_argument_parser().parse_args(["--config-file", config]))  # as its train_net
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -151,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "ws_d2_coco_scale"))
     parser.add_argument("--train-net", default=os.path.join(REPO, "tools", "train_net.py"))
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--output", help="write the figures as JSON here")
     parser.add_argument("--load", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--stock-train", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -165,7 +177,9 @@ def main(argv=None):
     results = {}
     for n in args.images:
         json_file, image_dir = make_coco_set(os.path.join(args.root, str(n)), n)
-        results[n] = measure(json_file, image_dir, args.procs, os.path.abspath(args.train_net), env)
+        results[n] = measure(
+            json_file, image_dir, args.procs, os.path.abspath(args.train_net), env, args.repeat
+        )
         print(json.dumps({n: results[n]}), flush=True)
     if args.output:
         with open(args.output, "w") as f:
