@@ -204,8 +204,9 @@ def test_cuda_check_command_lines_parse(load_tool, repo_root):
         if tool is None:
             continue
         args = argv[argv.index(f"tools/{tool}.py") + 1 :]
-        if tool == "benchmark" and "--amp" not in parsers["benchmark"].get_parser().format_help():
-            continue  # tools/benchmark.py's --amp comes with its rewrite (issue 22's report)
+        if tool == "benchmark":
+            assert parsers[tool].parse_args(args).device == "cuda", name
+            continue
         parsed = parsers[tool].get_parser().parse_args(args)
         if tool != "benchmark":
             cfg = ws_d2.load_config(str(repo_root / parsed.config_file), parsed.opts)

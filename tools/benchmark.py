@@ -9,6 +9,7 @@ and the measured figures: docs/BENCHMARK.md. Exit status 0 done, 1 failed to run
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
@@ -63,20 +64,33 @@ def build_twin_models(cfg, twin_cfg):
     return model, twin
 
 
-def make_step(cfg, model, mode, inputs):
-    """One training step (forward, backward, detectron2's optimizer) or one inference call of `model`."""
+def make_step(cfg, model, mode, inputs, amp=None):
+    """One training step (forward, backward, detectron2's optimizer) or one inference call of `model`, under
+    autocast to `amp` (float16 or bfloat16; float16 training scales the loss, as detectron2's AMPTrainer)."""
+    device = torch.device(cfg.MODEL.DEVICE).type
+    autocast = lambda: torch.autocast(device, getattr(torch, amp)) if amp else contextlib.nullcontext()  # noqa: E731
     if mode == "inference":
         model.eval()
-        return lambda: model(inputs)
+
+        def inference_step():
+            with autocast():
+                return model(inputs)
+
+        return inference_step
     model.train()
     optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device) if amp == "float16" else None
 
     def train_step():
-        with EventStorage(0):  # the losses log to an EventStorage
+        with EventStorage(0), autocast():  # the losses log to an EventStorage
             loss = sum(model(inputs).values())
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
 
     return train_step
 
@@ -169,11 +183,14 @@ def setting_rows(args, cfg, models, size, batch, mode, memory=False):
     names, samples = ["ws", "gn"] if mode == "train" else ["ws", "gn", "folded"], {}
     with torch.set_grad_enabled(mode == "train"):
         if not memory:
-            steps = {name: make_step(cfg, models[name], mode, inputs) for name in names}
+            steps = {name: make_step(cfg, models[name], mode, inputs, args.amp) for name in names}
             samples = time_alternating(steps, args.rounds, args.warmup, args.device)
             return rows_of(f"{mode}_time", size, batch, "s", samples)
         for name in names:
-            fresh_step = lambda model=models[name]: make_step(cfg, copy.deepcopy(model), mode, inputs)  # noqa: E731
+
+            def fresh_step(model=models[name]):  # a fresh copy: its weights and optimizer state count too
+                return make_step(cfg, copy.deepcopy(model), mode, inputs, args.amp)
+
             samples[name] = [peak_memory_mib(fresh_step, args.device)]
     return rows_of(f"{mode}_peak_memory", size, batch, "MiB", samples)
 
@@ -205,6 +222,7 @@ def run_benchmark(args, log=print):
         "labels": list(labels),
         "settings": vars(args),
         "device": args.device,
+        "amp": args.amp,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "ws_convs": ws_convs,
@@ -234,6 +252,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="320 px, batch 1, 3 rounds")
+    parser.add_argument(
+        "--amp", choices=["float16", "bfloat16"], help="both models under autocast to this type"
+    )
     parser.add_argument("--output", help="write the results as JSON here")
     twin_help = "overrides that make the twin (default: MODEL.WS.ENABLED False, the GN twin)"
     parser.add_argument("--twin-opts", nargs="+", default=GN_TWIN_OPTS, metavar="KEY VALUE", help=twin_help)
