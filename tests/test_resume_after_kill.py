@@ -61,7 +61,9 @@ def checkpoints(output_dir):
 
 
 def temporary_files(output_dir):
-    return [p for p in os.listdir(output_dir) if p.endswith(".tmp")]
+    return [
+        p for p in os.listdir(output_dir) if p.startswith(".") and ".tmp" in p
+    ]  # .<name>.<random>.tmp<ext>
 
 
 def assert_resumed_from(log_path, name, iteration):
