@@ -234,3 +234,26 @@ def test_converter_says_ws_needs_ws_pretrained_weights():
     for source in ("authors", "mmdet"):
         assert "WS-pretrained weights" in ConversionReport(source, "cfg.yaml", mapped=1).summary()
     assert "WS-pretrained" not in ConversionReport("torchvision", "cfg.yaml", mapped=1).summary()
+
+
+def test_coco_jpeg_sizes_read_from_the_header_exif_rotation_applied(tmp_path):
+    # the frame header gives the size; a file with EXIF is read by PIL, which applies its orientation
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (12, 8)).save(tmp_path / "images" / "plain.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 8 x 12
+    Image.new("RGB", (12, 8)).save(tmp_path / "images" / "rotated.jpg", exif=exif.tobytes())
+    for name, (width, height), problem in [
+        ("plain.jpg", (12, 8), None), ("plain.jpg", (8, 12), "the file is 12x8 but the record says 8x12"),
+        ("rotated.jpg", (8, 12), None), ("rotated.jpg", (12, 8), "the file is 8x12 but the record says 12x8"),
+    ]:  # fmt: skip
+        content = {"images": [{"id": 1, "file_name": name, "width": width, "height": height}],
+                   "annotations": [], "categories": [{"id": 1, "name": "thing"}]}  # fmt: skip
+        json_file = tmp_path / f"{name}_{width}.json"
+        json_file.write_text(json.dumps(content))
+        register_coco_dataset(f"jpeg_{name}_{width}", str(json_file), str(tmp_path / "images"))
+        if problem is None:
+            assert DatasetCatalog.get(f"jpeg_{name}_{width}")[0]["width"] == width
+        else:
+            with pytest.raises(DatasetError, match=problem):
+                DatasetCatalog.get(f"jpeg_{name}_{width}")

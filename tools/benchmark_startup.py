@@ -8,7 +8,7 @@ annotations an image, 80 categories) under --root, then times, each in a fresh p
 - loading the set: detectron2's `load_coco_json`, and ws_d2's checked load, first (images checked) and again
   (the passed check remembered);
 - `tools/train_net.py` (ws_d2, first and second start on the same data) and detectron2's DefaultTrainer with
-  `register_coco_instances` (stock), each to the end of 1 iteration, with 1 and 2 processes.
+  `register_coco_instances` (stock), each until its training starts, with 1 and 2 processes.
 Both trainers run detectron2's own Mask R-CNN R-50-FPN config at 64 px. --train-net times another checkout's
 train_net.py (e.g. an older ws_d2). Figures: docs/BENCHMARK.md#start-up-at-coco-scale.
 """
@@ -62,11 +62,20 @@ def make_coco_set(root, num_images, seed=0):
 
 
 def timed(command, env):
+    """Seconds until the command's training starts (detectron2 logs "Starting training from iteration"; the
+    first iteration and the final checkpoint then cost both trainers alike), or until it ends."""
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command[:3])} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return round(time.perf_counter() - start, 1)
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    started, output = None, []
+    for line in process.stdout:
+        output.append(line)
+        if started is None and "Starting training from iteration" in line:
+            started = time.perf_counter() - start
+    if process.wait():
+        raise RuntimeError(f"{' '.join(command[:3])} failed: {output[-1:]}")
+    return round(started or time.perf_counter() - start, 1)
 
 
 def train_opts(procs, output_dir):

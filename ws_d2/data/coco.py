@@ -8,10 +8,12 @@ image check is remembered per data set version (the JSON's and the image folder'
 repeated or resumed run does not open the images again.
 """
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -74,36 +76,69 @@ def _check_images(json_file, image_root, dicts, always):
     if not always and any(os.path.isfile(m) for m in markers):
         return
     share = dicts[rank::world]
-    with ThreadPoolExecutor(max_workers=16) as pool:  # header reads wait on the file system, not the CPU
-        problems = pool.map(lambda record: _image_problem(json_file, record), share)
-        problem = next((p for p in problems if p), None)
+    threads = 8  # header reads wait on the file system (on network storage, milliseconds each)
+    check = functools.partial(_image_problem, json_file)
+    with ThreadPoolExecutor(threads) as pool:
+        found = pool.map(lambda part: next(filter(None, map(check, part)), None), _split(share, threads))
+        problem = min(filter(None, found), default=None)  # the first in the file's order
     if problem:
-        raise DatasetError(problem)
+        raise DatasetError(problem[1])
     os.makedirs(os.path.dirname(markers[1]), exist_ok=True)
     with atomic_write(markers[1], "w") as f:
         json.dump({"json_file": json_file, "image_root": image_root, "images": len(share)}, f)
 
 
-def _image_problem(json_file, record):
-    """None, or the line that names what is wrong with a record's image file."""
+def _split(records, parts):
+    """`records` in `parts` consecutive runs, each item with its index: the first problem is the file's first."""
+    indexed, size = list(enumerate(records)), -(-len(records) // parts)
+    return [indexed[i : i + size] for i in range(0, len(indexed), size)]
+
+
+def _image_problem(json_file, indexed_record):
+    """None, or (index, the line that names what is wrong with a record's image file)."""
+    index, record = indexed_record
     path = record["file_name"]
     where = f"{json_file}: image id {record['image_id']} ({path})"
     try:
         if os.path.getsize(path) == 0:
-            return f"{where}: empty file (0 bytes)"
-        with Image.open(path) as opened:  # reads the header only
-            width, height = opened.size
-            # EXIF only where the file has it: detectron2 shows an image rotated by its orientation
-            if "exif" in opened.info and opened.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
-                width, height = height, width
+            return index, f"{where}: empty file (0 bytes)"
+        size = _jpeg_or_png_size(path)
+        if size is None:  # another format, EXIF, or a header this reader does not know: PIL reads it
+            with Image.open(path) as opened:  # the header only
+                size = opened.size
+                if opened.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # detectron2 shows it rotated
+                    size = size[::-1]
     except FileNotFoundError:
-        return f"{where}: file not found"
+        return index, f"{where}: file not found"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{where}: not a readable image ({one_line(e)})"
+        return index, f"{where}: not a readable image ({one_line(e)})"
     expected = (record.get("width"), record.get("height"))
-    if None not in expected and expected != (width, height):
-        return f"{where}: the file is {width}x{height} but the record says {expected[0]}x{expected[1]}"
+    if None not in expected and expected != tuple(size):
+        return (
+            index,
+            f"{where}: the file is {size[0]}x{size[1]} but the record says {expected[0]}x{expected[1]}",
+        )
     return None
+
+
+def _jpeg_or_png_size(path):
+    """(width, height) from a PNG's IHDR or a JPEG's frame header without EXIF, read in a few bytes; else None."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if not head.startswith(b"\xff\xd8"):
+            return None
+        f.seek(2)
+        while True:
+            marker = f.read(4)
+            if len(marker) < 4 or marker[0] != 0xFF or marker[1] in (0xFF, 0xE1):
+                return None  # fill bytes, EXIF (APP1) or a damaged header: left to PIL
+            kind, length = marker[1], struct.unpack(">H", marker[2:])[0]
+            if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):  # a start of frame
+                height, width = struct.unpack(">HH", f.read(5)[1:])
+                return width, height
+            f.seek(length - 2, os.SEEK_CUR)
 
 
 def _marker(json_file, image_root, rank, world):
