@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Start-up at COCO scale: ws_d2's checked data sets against stock detectron2, side by side.
 
-  python tools/benchmark_startup.py --images 5000 30000 118000 --procs 1 2 --root /tmp/coco_scale
+  python tools/benchmark_startup.py --images 5000 30000 118000 --procs 1 2 --root SCRATCH_DIR
 
 For each size it makes (once) a synthetic COCO-format set with COCO's shape (tiny real JPEGs, ~7 polygon
 annotations an image, 80 categories) under --root, then times, each in a fresh process:
