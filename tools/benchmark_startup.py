@@ -27,6 +27,8 @@ import time
 import cv2
 import numpy as np
 
+from ws_d2.files import atomic_write
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (64, 48)  # width, height of every image
 STOCK_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
@@ -55,9 +57,8 @@ def make_coco_set(root, num_images, seed=0):
                                 "category_id": int(rng.integers(1, 81)), "bbox": box,
                                 "segmentation": [polygon.reshape(-1).tolist()]})  # fmt: skip
     categories = [{"id": i, "name": f"class_{i}", "supercategory": "thing"} for i in range(1, 81)]
-    with open(json_file + ".tmp", "w") as f:
+    with atomic_write(json_file, "w") as f:  # the JSON marks a complete set
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    os.replace(json_file + ".tmp", json_file)
     return json_file, image_dir
 
 

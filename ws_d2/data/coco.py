@@ -4,8 +4,8 @@ Registering parses nothing. Loading (`DatasetCatalog.get`, in each process that 
 the file once, with detectron2's `load_coco_json`, and checks every record it gives: image files present,
 non-empty, readable and of the recorded size (headers only, in parallel threads, each process its share),
 boxes of non-negative size, categories known. A bad record raises DatasetError in one line naming it. A passed
-image check is remembered per data set version (the JSON's and the image folder's path, size and mtime), so a
-repeated or resumed run does not open the images again.
+image check is remembered per data set version (the JSON's path, size and mtime, the image folder's path and
+mtime), so a repeated or resumed run does not open the images again.
 """
 
 import functools
