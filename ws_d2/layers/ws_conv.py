@@ -1,9 +1,8 @@
 """Weight-standardized convolution with the numerics of the published GN+WS checkpoints.
 
 Per output channel of W: W_hat = (W - mean) / (std + eps), with the UNBIASED std and eps outside the root, as
-the authors' code and mmcv's ConvWS compute it (the paper's Eq. 2 and timm's StdConv2d differ by up to 1e-2
-after GN on small-std weights). The authors' BCN+WS release uses (W - mean) / sqrt(var + eps):
-`formula="sqrt_var_plus_eps"`. The paper's ablations of WS are `mode`s of the same conv (docs/WS.md).
+the authors' code and mmcv's ConvWS compute it (not the paper's Eq. 2: docs/WS.md). The authors' BCN+WS release
+uses (W - mean) / sqrt(var + eps): `formula="sqrt_var_plus_eps"`. The paper's ablations of WS are `mode`s.
 """
 
 import torch
@@ -29,8 +28,7 @@ def _checked(value, choices, what):
 
 
 def _standardize_rows(flat, eps, formula="std_plus_eps"):
-    """(W_hat, mean, std, 1 / denominator) per row, in one allocating pass and two reductions (two-pass
-    variance: as accurate as torch.std, and vectorized unlike its Welford loop)."""
+    """(W_hat, mean, std, 1 / denominator) per row; a two-pass variance, as accurate as torch.std's."""
     n = flat.shape[1]
     mean = flat.mean(dim=1, keepdim=True)
     w_hat = flat - mean
@@ -44,7 +42,6 @@ def _standardize_rows(flat, eps, formula="std_plus_eps"):
 
 
 def _apply_statistics(flat, mean, inv_denom):
-    """W_hat from its row statistics: bitwise the W_hat that `_standardize_rows` returns."""
     return (flat - mean).mul_(inv_denom)
 
 
@@ -96,38 +93,29 @@ class _WSConvolution(torch.autograd.Function):
             w_hat = w_hat.to(x.dtype)  # cast once; the fp32 W_hat is freed before the conv
             ctx.save_for_backward(x, weight, mean, std, inv_denom)
             ctx.formula = formula
-            ctx.conv_args = (None if bias is None else list(bias.shape), stride, padding, dilation, groups)
+            bias_sizes = None if bias is None else list(bias.shape)
+            # convolution_backward's arguments after the weight, in order
+            ctx.conv_args = (bias_sizes, stride, padding, dilation, False, [0, 0], groups)
             return F.conv2d(x, w_hat.view_as(weight), bias, stride, padding, dilation, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         x, weight, mean, std, inv_denom = ctx.saved_tensors
-        bias_sizes, stride, padding, dilation, groups = ctx.conv_args
         flat = weight.reshape(weight.shape[0], -1)
         with torch.autocast(weight.device.type, enabled=False):
             w_hat = _apply_statistics(flat, mean, inv_denom).to(x.dtype)
             needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+            mask = [needs_x, needs_weight, needs_bias and ctx.conv_args[0] is not None]
             grad_x, grad_w_hat, grad_bias = torch.ops.aten.convolution_backward(
-                grad_output,
-                x,
-                w_hat.view_as(weight),
-                bias_sizes,
-                stride,
-                padding,
-                dilation,
-                False,
-                [0, 0],
-                groups,
-                [needs_x, needs_weight, needs_bias and bias_sizes is not None],
+                grad_output, x, w_hat.view_as(weight), *ctx.conv_args, mask
             )
             grad_weight = None
             if needs_weight:
                 if x.dtype != weight.dtype:  # the fp32 W_hat again: never both copies alive through the conv
                     w_hat, grad_w_hat = _apply_statistics(flat, mean, inv_denom), grad_w_hat.to(weight.dtype)
-                grad_weight = _standardize_rows_backward(
-                    grad_w_hat.reshape(w_hat.shape), w_hat, std, inv_denom, ctx.formula
-                )
+                grad_w_hat = grad_w_hat.reshape(w_hat.shape)
+                grad_weight = _standardize_rows_backward(grad_w_hat, w_hat, std, inv_denom, ctx.formula)
                 grad_weight = grad_weight.view_as(weight)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
@@ -141,14 +129,10 @@ def standardize_weight(
 ) -> torch.Tensor:
     """W_hat per output channel by `formula`; statistics in float32 (float64 for float64 weights) even under
     autocast, the result in the weight's dtype."""
-    _check_standardizable(
-        weight.shape[1:].numel() if weight.dim() > 1 else 0, weight.dtype, tuple(weight.shape)
-    )
+    _check_standardizable(weight)
+    formula = _checked(formula, WS_FORMULAS, "formula")
     with torch.autocast(device_type=weight.device.type, enabled=False):
-        w_hat = _StandardizeWeight.apply(
-            weight.to(_compute_dtype(weight)), eps, _checked(formula, WS_FORMULAS, "formula")
-        )
-    return w_hat.to(weight.dtype)
+        return _StandardizeWeight.apply(weight.to(_compute_dtype(weight)), eps, formula).to(weight.dtype)
 
 
 def _weight_variant(weight, mode, eps, formula, gain=None, bias=None):
@@ -160,26 +144,23 @@ def _weight_variant(weight, mode, eps, formula, gain=None, bias=None):
         elif mode == "scale":
             out = flat / (flat.square().mean(dim=1, keepdim=True).sqrt() + eps)
         elif mode == "weight_norm":
-            out = (
-                flat
-                / (torch.linalg.vector_norm(flat, dim=1, keepdim=True) + eps)
-                * gain.to(flat.dtype)[:, None]
-            )
+            norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True) + eps
+            out = flat / norm * gain.to(flat.dtype)[:, None]
         else:  # standardize_affine
             w_hat = _StandardizeWeight.apply(flat, eps, formula)
             out = torch.addcmul(bias.to(flat.dtype)[:, None], w_hat, gain.to(flat.dtype)[:, None])
     return out.view_as(weight).to(weight.dtype)
 
 
-def _check_standardizable(filter_size, dtype, shape):
+def _check_standardizable(weight):
     # each output channel's filter needs >= 2 elements: the unbiased std of one value divides by N-1 = 0
-    if filter_size < 2:
+    if weight.dim() < 2 or weight.shape[1:].numel() < 2:
         raise ConfigError(
-            f"cannot weight-standardize a weight of shape {shape}: each output channel's filter needs at least "
-            "2 elements (a conv weight O x I/groups x kH x kW; 1 input channel with a 1x1 kernel has 1)"
+            f"cannot weight-standardize a weight of shape {tuple(weight.shape)}: each output channel's filter needs "
+            "at least 2 elements (a conv weight O x I/groups x kH x kW; 1 input channel with a 1x1 kernel has 1)"
         )
-    if not dtype.is_floating_point:
-        raise ConfigError(f"cannot weight-standardize a weight of dtype {dtype}: it must be floating point")
+    if not weight.dtype.is_floating_point:
+        raise ConfigError(f"cannot weight-standardize a weight of dtype {weight.dtype}: not floating point")
 
 
 def conv2d_arguments(conv: Conv2d) -> dict:
@@ -200,15 +181,10 @@ class WSConv2d(Conv2d):
     """
 
     def __init__(
-        self,
-        *args,
-        eps: float = 1e-5,
-        formula: str = "std_plus_eps",
-        mode: str = "standardize",
-        **kwargs,
+        self, *args, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize", **kwargs
     ):
         super().__init__(*args, **kwargs)
-        _check_standardizable(self.weight.shape[1:].numel(), self.weight.dtype, tuple(self.weight.shape))
+        _check_standardizable(self.weight)
         self.eps = eps
         self.formula = _checked(formula, WS_FORMULAS, "formula")
         self.mode = _checked(mode, WS_MODES, "mode")
@@ -254,19 +230,12 @@ class WSConv2d(Conv2d):
         return w_hat.view_as(weight).to(weight.dtype)
 
     def ws_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1 / denominator) per output channel, (out_channels, 1) columns, recomputed when the weight changed."""
+        """(mean, 1 / denominator) per output channel as columns, recomputed when the weight changed."""
         weight = self.weight
         # Any change of the weight's values changes its address, its in-place version counter or its
         # dtype. The cache holds the weight's storage, so its address cannot be reused meanwhile.
-        key = (
-            weight.data_ptr(),
-            weight._version,
-            weight.dtype,
-            weight.device,
-            weight.shape,
-            self.eps,
-            self.formula,
-        )
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        key += (self.eps, self.formula)
         cache = self._ws_statistics
         if cache is None or cache[0] != key:
             # outside inference mode: a later training forward of a frozen stage saves W_hat for backward
@@ -291,44 +260,20 @@ class WSConv2d(Conv2d):
 
     def forward(self, x):
         # detectron2's Conv2d check, kept: SyncBatchNorm fails on an empty batch with an obscure error
-        if x.numel() == 0 and self.training:
-            assert not isinstance(self.norm, torch.nn.SyncBatchNorm), (
-                "SyncBatchNorm does not support empty inputs!"
-            )
+        empty_sync_bn = x.numel() == 0 and self.training and isinstance(self.norm, torch.nn.SyncBatchNorm)
+        assert not empty_sync_bn, "SyncBatchNorm does not support empty inputs!"
         weight, device = self.weight, x.device.type
         # autocast's rule for a conv: fp32 operands in its half type (float64 stays)
         half = torch.is_autocast_enabled(device) and weight.dtype == torch.float32
         dtype = torch.get_autocast_dtype(device) if half else weight.dtype
-        if (
-            self.mode == "standardize"
-            and torch.is_grad_enabled()
-            and weight.requires_grad
-            and weight.dtype in (torch.float32, torch.float64)
-            and not isinstance(self.padding, str)
-        ):
-            # the memory-lean fused path, under autocast too (statistics in fp32, the conv in half)
+        conv_args = (self.stride, self.padding, self.dilation, self.groups)
+        fused = self.mode == "standardize" and torch.is_grad_enabled() and weight.requires_grad
+        if fused and weight.dtype in (torch.float32, torch.float64) and not isinstance(self.padding, str):
+            # the memory-lean path, under autocast too (statistics in fp32, the conv in half)
             bias = None if self.bias is None else self.bias.to(dtype)
-            x = _WSConvolution.apply(
-                x.to(dtype),
-                weight,
-                bias,
-                self.eps,
-                self.formula,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-            )
-        else:
-            x = F.conv2d(
-                x,
-                self.standardized_weight().to(dtype),  # cast once, before the conv: no fp32 W_hat beside it
-                self.bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-            )
+            x = _WSConvolution.apply(x.to(dtype), weight, bias, self.eps, self.formula, *conv_args)
+        else:  # cast once, before the conv: no fp32 W_hat beside it
+            x = F.conv2d(x, self.standardized_weight().to(dtype), self.bias, *conv_args)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
