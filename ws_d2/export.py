@@ -12,6 +12,7 @@ torchvision) or `model.onnx` (onnxruntime alone). The graph's contract:
   not pasted). `ws_d2.predictor.DeployedPredictor` resizes before and pastes after, as detectron2 does.
 """
 
+import io
 import json
 import os
 
@@ -139,7 +140,13 @@ def export_deployable(cfg, output_dir, fmt, image=None):
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
     model = WSPredictor(cfg, fold=True, covering=True).model  # an export must not carry initial values
-    check_deployable(model, cfg)
+    if not isinstance(model, GeneralizedRCNN):
+        raise ConfigError(
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only GeneralizedRCNN (Faster/Mask R-CNN) "
+            "models are exported to TorchScript/ONNX"
+        )
+    if cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("MODEL.KEYPOINT_ON: keypoint outputs are not part of the exported graph")
     resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
     adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),
                              deployable_inference)  # fmt: skip
@@ -152,21 +159,9 @@ def export_deployable(cfg, output_dir, fmt, image=None):
             with atomic_write(path) as f:
                 torch.jit.save(traced, f, _extra_files={"ws_d2.json": info})
         else:
-            data = _onnx_bytes(adapter, output_names)
             with atomic_write(path) as f:
-                f.write(_with_metadata(data, info))
+                f.write(_onnx_bytes(adapter, output_names, info))
     return path
-
-
-def check_deployable(model, cfg):
-    """Refuse, in one line naming what blocks it, a model the deployed graph cannot represent."""
-    if not isinstance(model, GeneralizedRCNN):
-        raise ConfigError(
-            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only GeneralizedRCNN (Faster/Mask R-CNN) "
-            "models are exported to TorchScript/ONNX"
-        )
-    if cfg.MODEL.KEYPOINT_ON:
-        raise ConfigError("MODEL.KEYPOINT_ON: keypoint outputs are not part of the exported graph")
 
 
 def deployment_info(cfg, output_names):
@@ -210,33 +205,22 @@ def _group_norm_any_batch(g, x, num_groups, weight, bias, eps, cudnn_enabled):
     return out
 
 
-def _onnx_bytes(adapter, output_names):
-    import io
+def _onnx_bytes(adapter, output_names, info):
+    """The traced graph as ONNX, with `info` as its "ws_d2" metadata_props entry."""
+    import onnx
 
     buffer = io.BytesIO()
     dynamic_axes = {DEPLOYED_INPUT: {0: "height", 1: "width"}}
     dynamic_axes.update({name: {0: "detections"} for name in output_names})
     torch.onnx.register_custom_op_symbolic("aten::group_norm", _group_norm_any_batch, ONNX_OPSET)
-    try:
+    names = {"input_names": [DEPLOYED_INPUT], "output_names": output_names, "dynamic_axes": dynamic_axes}
+    try:  # dynamo=False: the TorchScript-based exporter, as detectron2's models are traced, not torch.export-ed
         torch.onnx.export(
-            adapter,
-            adapter.flattened_inputs,
-            buffer,
-            input_names=[DEPLOYED_INPUT],
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=ONNX_OPSET,
-            dynamo=False,  # the TorchScript-based exporter: detectron2's models are traced, not torch.export-ed
+            adapter, adapter.flattened_inputs, buffer, **names, opset_version=ONNX_OPSET, dynamo=False
         )
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::group_norm", ONNX_OPSET)
-    return buffer.getvalue()
-
-
-def _with_metadata(onnx_bytes, info):
-    import onnx
-
-    proto = onnx.load_from_string(onnx_bytes)
+    proto = onnx.load_from_string(buffer.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "ws_d2", info
     return proto.SerializeToString()
