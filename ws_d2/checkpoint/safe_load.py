@@ -19,10 +19,8 @@ from ..errors import CheckpointError, UnsafeCheckpointError, one_line
 __all__ = ["load_checkpoint_file"]
 
 
-def _refused(name, refused_global):
-    return UnsafeCheckpointError(
-        f"{name}: refused to load: it references {refused_global}, which is not plain data"
-    )
+def _refused(name, what):
+    return UnsafeCheckpointError(f"{name}: refused to load: it references {what}, which is not plain data")
 
 
 try:  # numpy >= 2 moved numpy.core to numpy._core; pickles from either name the path they were made with
@@ -40,34 +38,21 @@ def _latin1_encode(text, encoding="latin1", errors="strict"):
     return _codecs.encode(text, encoding, errors)
 
 
-_NUMPY_RECONSTRUCTORS = {"_reconstruct": _np_multiarray._reconstruct, "scalar": _np_multiarray.scalar}
+_PLAIN_TYPES = (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool)
 _ADMITTED_GLOBALS = {
-    **{
-        ("builtins", t.__name__): t
-        for t in (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool)
-    },
-    # Python 2 pickles name the builtins module __builtin__ (our find_class replaces pickle's renaming)
-    **{
-        ("__builtin__", t.__name__): t
-        for t in (dict, list, tuple, set, frozenset, str, int, float, complex, bool)
-    },
     ("__builtin__", "unicode"): str,
     ("__builtin__", "long"): int,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _latin1_encode,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    **{
-        (module, name): obj
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name, obj in _NUMPY_RECONSTRUCTORS.items()
-    },
-    # pickle protocol 5 rebuilds arrays from out-of-band buffers
-    **{
-        (module, "_frombuffer"): _np_numeric._frombuffer
-        for module in ("numpy.core.numeric", "numpy._core.numeric")
-    },
 }
+# Python 2 pickles name the builtins module __builtin__ (our find_class replaces pickle's renaming)
+_ADMITTED_GLOBALS |= {(module, t.__name__): t for module in ("builtins", "__builtin__") for t in _PLAIN_TYPES}
+for _core in ("numpy.core", "numpy._core"):  # _frombuffer: pickle protocol 5's out-of-band arrays
+    _ADMITTED_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _np_multiarray._reconstruct
+    _ADMITTED_GLOBALS[(f"{_core}.multiarray", "scalar")] = _np_multiarray.scalar
+    _ADMITTED_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _np_numeric._frombuffer
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -82,6 +67,10 @@ class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
+# what a truncated, corrupt or non-checkpoint file raises inside an unpickler
+_CORRUPT = (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError)
+
+
 def _unreadable(name, kind, error):
     return CheckpointError(f"{name}: not a readable {kind} (truncated or corrupt?): {one_line(error)}")
 
@@ -92,7 +81,7 @@ def _load_pickle(f, name):
         return _PlainDataUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as e:
         raise _refused(name, str(e)) from None
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (*_CORRUPT, pickle.UnpicklingError) as e:
         raise _unreadable(name, "pickle", e) from None
 
 
@@ -119,17 +108,7 @@ def _load_torch(f, name):
         matches = (re.search(pattern, str(e)) for pattern in _TORCH_REFUSAL_PATTERNS)
         refused = next((m.group(1) for m in matches if m), "a global outside torch's weights-only allowlist")
         raise _refused(name, refused[:200]) from None
-    # a text or other non-checkpoint file fails inside torch's unpickler with KeyError or IndexError
-    except (
-        EOFError,
-        RuntimeError,
-        ValueError,
-        TypeError,
-        OSError,
-        KeyError,
-        IndexError,
-        AttributeError,
-    ) as e:
+    except (*_CORRUPT, RuntimeError, OSError) as e:
         raise _unreadable(name, "torch checkpoint", e) from None
 
 
