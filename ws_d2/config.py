@@ -19,15 +19,12 @@ def add_ws_config(cfg):
         return cfg
     cfg.MODEL.WS = CN()
     cfg.MODEL.WS.ENABLED = True  # False: the GN twin, with the same parameters and state_dict keys
-    cfg.MODEL.WS.EPS = (
-        1e-5  # added to the unbiased std outside the root, as the published checkpoints were trained
-    )
+    # added to the unbiased std outside the root, as the published checkpoints were trained
+    cfg.MODEL.WS.EPS = 1e-5
     cfg.MODEL.WS.FORMULA = "std_plus_eps"  # sqrt_var_plus_eps: the authors' BCN+WS weights (docs/BCN.md)
     cfg.MODEL.WS.MODE = "standardize"  # or one of the paper's ablations (docs/WS.md#the-papers-ws-variants)
     cfg.MODEL.BCN = CN()
-    cfg.MODEL.BCN.ENABLED = (
-        False  # Batch-Channel Normalization wherever the model has GroupNorm (docs/BCN.md)
-    )
+    cfg.MODEL.BCN.ENABLED = False  # Batch-Channel Normalization wherever the model has GroupNorm
     cfg.MODEL.BCN.ESTIMATE = True  # EstBN's estimated statistics, for micro-batches; False: BatchNorm2d
     cfg.MODEL.BCN.GROUPS = 32  # of the channel step and the per-group affine, as the authors'
     cfg.MODEL.BCN.MIN_MOVING_SPEED = 0.01  # EstBN's r = max(1 / (t + 1), this): ws_d2.layers.moving_speed
@@ -88,12 +85,9 @@ def _check_yaml_mapping(config_file):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(
-            f"{config_file}: YAML syntax error{where} ({getattr(e, 'problem', None) or e})"
-        ) from None
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"{config_file}: YAML syntax error{where} ({problem})") from None
     if content is None:
         raise ConfigError(f"{config_file}: empty config file")
     if not isinstance(content, dict):
-        raise ConfigError(
-            f"{config_file}: the top level is a {type(content).__name__}, not a mapping of config keys"
-        )
+        raise ConfigError(f"{config_file}: the top level is a {type(content).__name__}, not a mapping")
