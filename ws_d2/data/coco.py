@@ -1,11 +1,9 @@
 """COCO-format data sets whose records are checked before any training step, at the cost of a plain load.
 
-Registering parses nothing. Loading (`DatasetCatalog.get`, in each process that trains or evaluates) parses
-the file once, with detectron2's `load_coco_json`, and checks every record it gives: image files present,
-non-empty, readable and of the recorded size (headers only, in parallel threads, each process its share),
-boxes of non-negative size, categories known. A bad record raises DatasetError in one line naming it. A passed
-image check is remembered per data set version (the JSON's path, size and mtime, the image folder's path and
-mtime), so a repeated or resumed run does not open the images again.
+Loading parses the file once with detectron2's `load_coco_json` and checks every record: image files present,
+readable and of the recorded size (headers only, each process its share), boxes of non-negative size,
+categories known; a bad record raises DatasetError naming it. A passed image check is remembered per data set
+version (`_marker`), so a repeated or resumed run does not open the images again.
 """
 
 import functools
@@ -112,12 +110,9 @@ def _image_problem(json_file, indexed_record):
         return index, f"{where}: file not found"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return index, f"{where}: not a readable image ({one_line(e)})"
-    expected = (record.get("width"), record.get("height"))
-    if None not in expected and expected != tuple(size):
-        return (
-            index,
-            f"{where}: the file is {size[0]}x{size[1]} but the record says {expected[0]}x{expected[1]}",
-        )
+    width, height = record.get("width"), record.get("height")
+    if None not in (width, height) and (width, height) != tuple(size):
+        return index, f"{where}: the file is {size[0]}x{size[1]} but the record says {width}x{height}"
     return None
 
 
@@ -145,8 +140,8 @@ def _marker(json_file, image_root, rank, world):
     """The file that remembers a passed image check of this data set version (share `rank` of `world`)."""
     stat, folder = os.stat(json_file), os.stat(image_root)
     # a folder's mtime changes when a file is added, removed or renamed in it
-    identity = [os.path.realpath(json_file), stat.st_size, stat.st_mtime_ns, os.path.realpath(image_root)]
-    identity.append(folder.st_mtime_ns)
+    identity = [os.path.realpath(json_file), stat.st_size, stat.st_mtime_ns]
+    identity += [os.path.realpath(image_root), folder.st_mtime_ns]
     key = hashlib.sha1(json.dumps(identity).encode()).hexdigest()
     cache = os.environ.get("WS_D2_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ws_d2"))
     return os.path.join(cache, "checked_images", f"{key}-{rank}of{world}.json")
