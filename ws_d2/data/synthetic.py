@@ -110,7 +110,7 @@ def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objec
     root = root or default_synthetic_root()
     splits = splits or {name: count for name, (count, _) in SYNTHETIC_SPLITS.items()}
     categories = [
-        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SYNTHETIC_CLASSES)
+        {"id": i, "name": name, "supercategory": "shape"} for i, name in enumerate(SYNTHETIC_CLASSES, 1)
     ]
     written = {}
     for split, count in splits.items():
@@ -173,11 +173,9 @@ def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = 
             x1, y1 = x0 + wh[:, 0] * width, y0 + wh[:, 1] * height
             instances = Instances((height, width))
             instances.gt_boxes = Boxes(torch.stack([x0, y0, x1, y1], dim=1))
-            instances.gt_classes = torch.randint(
-                0, roi_heads.NUM_CLASSES, (num_instances,), generator=generator
-            )
+            instances.gt_classes = torch.randint(roi_heads.NUM_CLASSES, (num_instances,), generator=generator)
             if cfg.MODEL.MASK_ON:
-                # A diamond inscribed in each box: a real polygon, cheap to rasterize.
+                # a diamond inscribed in each box: a real polygon, cheap to rasterize
                 cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
                 polygons = torch.stack([cx, y0, x1, cy, cx, y1, x0, cy], dim=1).tolist()
                 instances.gt_masks = PolygonMasks([[p] for p in polygons])
