@@ -131,14 +131,10 @@ def _checked(state_dict, rules, source_prefix, source, target, target_shapes, sc
     renamed, origin, dropped, unmatched = rename(state_dict, rules, source_prefix)
     renamed = {scope + k: v for k, v in renamed.items()}
     origin = {scope + k: v for k, v in origin.items()}
-    report = ConversionReport(source, target, dropped=dropped)
-    report.not_converted = [k for k in target_shapes if not k.startswith(scope)]
+    not_converted = [k for k in target_shapes if not k.startswith(scope)]
     # a BatchNorm's step counter is no weight, and load_state_dict fills it in when absent
-    missing = [
-        k
-        for k in target_shapes
-        if k.startswith(scope) and k not in renamed and not k.endswith("num_batches_tracked")
-    ]
+    in_scope = [k for k in target_shapes if k.startswith(scope) and not k.endswith("num_batches_tracked")]
+    missing = [k for k in in_scope if k not in renamed]
     wrong_shape = [
         f"{origin[k]} {tuple(renamed[k].shape)} -> {k} {shape}"
         for k, shape in target_shapes.items()
@@ -157,8 +153,7 @@ def _checked(state_dict, rules, source_prefix, source, target, target_shapes, sc
     ]
     if problems:
         raise CheckpointError(f"{source} checkpoint does not fit {target}: " + "; ".join(problems))
-    report.mapped = len(renamed)
-    return renamed, report
+    return renamed, ConversionReport(source, target, len(renamed), dropped, not_converted)
 
 
 def save_converted(state_dict, path):
