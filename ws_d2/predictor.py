@@ -58,10 +58,7 @@ class WSPredictor(DefaultPredictor):
         self.model = build_model(self.cfg).eval()
         if weights:
             checkpointer = WSCheckpointer(self.model)
-            if covering:
-                checkpointer.load_covering(weights)
-            else:
-                checkpointer.load(weights)
+            (checkpointer.load_covering if covering else checkpointer.load)(weights)
         if fold:
             fold_ws(self.model)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
@@ -93,10 +90,8 @@ class DeployedPredictor:
         # a threshold above the exported one gives the eager model's result: NMS keeps the same top scores
         keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
         outputs = {name: value[keep] for name, value in outputs.items()}
-        instances = Instances(resized.shape[:2])
-        instances.pred_boxes = Boxes(outputs["boxes"])
-        instances.scores = outputs["scores"]
-        instances.pred_classes = outputs["classes"]
+        boxes, scores, classes = Boxes(outputs["boxes"]), outputs["scores"], outputs["classes"]
+        instances = Instances(resized.shape[:2], pred_boxes=boxes, scores=scores, pred_classes=classes)
         if "masks" in outputs:
             instances.pred_masks = outputs["masks"][:, None]  # N x 1 x M x M, as the eager model gives them
         return {"instances": detector_postprocess(instances, height, width)}
