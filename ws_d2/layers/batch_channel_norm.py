@@ -48,13 +48,9 @@ class EstBN(nn.Module):
         dims = [d for d in range(x.dim()) if d != 1]
         mean_old = self.running_mean.view(1, -1, *([1] * (x.dim() - 2)))
         # out of place: never write into `x` (a transposed copy of it is `x` itself at N = 1)
-        moments = torch.cat(
-            [
-                x.sum(dims, dtype=self.running_mean.dtype),
-                (x - mean_old).square().sum(dims, dtype=self.running_mean.dtype),
-                self.running_mean.new_tensor([x.numel() // max(x.shape[1], 1)]),
-            ]
-        )
+        dtype = self.running_mean.dtype
+        n = self.running_mean.new_tensor([x.numel() // max(x.shape[1], 1)])  # values per channel
+        moments = torch.cat([x.sum(dims, dtype=dtype), (x - mean_old).square().sum(dims, dtype=dtype), n])
         if _distributed():
             dist.all_reduce(moments)
         count = moments[-1]
@@ -89,15 +85,7 @@ class BatchChannelNorm(nn.Module):
     """BCN over C channels (module docstring). `frozen` (a frozen backbone stage) fixes the batch step's
     statistics (FrozenBatchNorm2d, as detectron2 freezes BatchNorm) and every parameter; `name` is for errors."""
 
-    def __init__(
-        self,
-        num_channels: int,
-        num_groups: int = 32,
-        eps: float = 1e-5,
-        estimate: bool = True,
-        frozen: bool = False,
-        name: str = "",
-    ):
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, estimate=True, frozen=False, name=""):
         super().__init__()
         self.name = name or "BatchChannelNorm"
         if num_channels % num_groups:
