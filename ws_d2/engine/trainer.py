@@ -57,16 +57,10 @@ class WSTrainer(DefaultTrainer):
         scaler = (
             torch.amp.GradScaler(torch.device(cfg.MODEL.DEVICE).type) if precision == torch.float16 else None
         )
+        bcn = cfg.MODEL.BCN
+        min_speed = bcn.MIN_MOVING_SPEED if bcn.ENABLED and bcn.ESTIMATE else None
         self._trainer = MicroBatchTrainer(
-            model,
-            data_loader,
-            optimizer,
-            cfg.SOLVER.ITER_SIZE,
-            scaler,
-            min_moving_speed=cfg.MODEL.BCN.MIN_MOVING_SPEED
-            if cfg.MODEL.BCN.ENABLED and cfg.MODEL.BCN.ESTIMATE
-            else None,
-            precision=precision,
+            model, data_loader, optimizer, cfg.SOLVER.ITER_SIZE, scaler, min_speed, precision
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = WSCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
