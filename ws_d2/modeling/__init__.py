@@ -1,9 +1,7 @@
-from . import backbone as _backbone  # noqa: F401  (registration)
-from . import heads as _heads  # noqa: F401  (registration)
+# importing backbone and heads registers their components in detectron2's registries
 from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone
-from .bcn_convert import convert_to_bcn, count_bcn
+from .convert import convert_to_bcn, convert_to_ws, count_bcn, count_ws_convs, fold_ws
 from .heads import WSFastRCNNConvFCHead, WSMaskRCNNConvUpsampleHead
-from .ws_convert import convert_to_ws, count_ws_convs, fold_ws
 
 __all__ = [
     "WSFastRCNNConvFCHead",

@@ -7,8 +7,7 @@ from detectron2.modeling.backbone import build_resnet_backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
 from ..errors import ConfigError
-from .bcn_convert import convert_to_bcn
-from .ws_convert import convert_to_ws
+from .convert import convert_to_bcn, convert_to_ws
 
 __all__ = ["build_ws_resnet_backbone", "build_ws_resnet_fpn_backbone", "convert_by_config"]
 

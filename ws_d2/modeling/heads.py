@@ -7,8 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from .bcn_convert import convert_to_bcn
-from .ws_convert import convert_to_ws
+from .convert import convert_to_bcn, convert_to_ws
 
 __all__ = ["WSFastRCNNConvFCHead", "WSMaskRCNNConvUpsampleHead"]
 
@@ -38,16 +37,9 @@ class _WSConvs:
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ws_eps = cfg.MODEL.WS.EPS if cfg.MODEL.WS.ENABLED else None
-        bcn = None
-        if cfg.MODEL.BCN.ENABLED:
-            bcn = {"groups": cfg.MODEL.BCN.GROUPS, "estimate": cfg.MODEL.BCN.ESTIMATE}
-        arguments = {
-            "ws_eps": ws_eps,
-            "ws_formula": cfg.MODEL.WS.FORMULA,
-            "ws_mode": cfg.MODEL.WS.MODE,
-            "bcn": bcn,
-        }
+        ws, bcn = cfg.MODEL.WS, cfg.MODEL.BCN
+        arguments = {"ws_eps": ws.EPS if ws.ENABLED else None, "ws_formula": ws.FORMULA, "ws_mode": ws.MODE}
+        arguments["bcn"] = {"groups": bcn.GROUPS, "estimate": bcn.ESTIMATE} if bcn.ENABLED else None
         return {**super().from_config(cfg, input_shape), **arguments}
 
 
