@@ -148,12 +148,8 @@ _DEPTH_OF_BLOCKS = {
 
 
 def infer_resnet_architecture(state_dict, prefix=""):
-    """Depth, groups and width per group of a torchvision-style ResNet/ResNeXt state_dict.
-
-    Depth comes from the block counts of layer1-4, ResNeXt from layer1.0.conv2's shape
-    (out channels = groups x width per group, in channels per group = width per group).
-    Returns a dict, e.g. {'depth': 101, 'num_groups': 32, 'width_per_group': 4, 'name': 'X_101_32x4d'}.
-    """
+    """{'depth', 'num_groups', 'width_per_group', 'name' (e.g. 'X_101_32x4d')} of a torchvision-style
+    ResNet/ResNeXt state_dict: depth from the blocks of layer1-4, groups and width from layer1.0.conv2."""
     blocks = [
         {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}layer{i}\.(\d+)\.", k))}
         for i in (1, 2, 3, 4)

@@ -102,11 +102,8 @@ def _coco_annotation(polygon, category, image_id, annotation_id):
 
 
 def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objects=4, seed=0):
-    """Write the shapes set (PNG images + COCO JSON per split) under `root`; same arguments, same files.
-
-    `splits` maps split name -> number of images (default: SYNTHETIC_SPLITS). A split whose JSON already
-    records the same arguments is kept as is. Returns {split: (json_file, image_dir)}.
-    """
+    """Write the shapes set (PNG images + COCO JSON per split) under `root`; same arguments, same files, and
+    a split already written with them is kept. `splits`: {name: images}. Returns {split: (json, image_dir)}."""
     root = root or default_synthetic_root()
     splits = splits or {name: count for name, (count, _) in SYNTHETIC_SPLITS.items()}
     categories = [

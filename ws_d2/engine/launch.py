@@ -1,13 +1,10 @@
 """Start training as one process, N processes on one or several machines, or under torchrun.
 
-- CUDA: detectron2's own `launch` (one process per GPU, NCCL).
-- CPU: N processes on the Gloo backend, which see no GPU: detectron2's own `launch` (main), or for v0.6
-  `ws_d2.compat.launch_on_cpu`.
-- torchrun / SLURM / Kubernetes / elastic: when the env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-  MASTER_PORT) are set, this process is one worker already: it joins the group from them and runs `main_func`.
-In every case detectron2's `comm` helpers (rank, local rank, synchronize, gather) work as usual. A worker that
-dies (a signal, a nonzero exit) stops the others and ends `launch` in a WorkerDied that names it; one that raises,
-in a ChildProcessError with its exception's line.
+CUDA: detectron2's `launch` (one process per GPU, NCCL). CPU: N processes on Gloo that see no GPU, by
+detectron2's `launch` (main) or `ws_d2.compat.launch_on_cpu` (v0.6). torchrun, SLURM, elastic: with the env://
+variables set this process is one worker already, and joins the group from them. detectron2's `comm` helpers
+work in every case. A worker that dies stops the others and ends `launch` in a WorkerDied naming it; one that
+raises, in a ChildProcessError with its exception's line.
 """
 
 import os
@@ -67,12 +64,9 @@ def launch(
     use_cuda=None,
     timeout=DEFAULT_TIMEOUT,
 ):
-    """Run `main_func(*args)` in every process of the job.
-
-    `use_cuda` (default: whether CUDA is available) selects one process per GPU on NCCL, or CPU processes
-    on Gloo. Under torchrun the process counts come from its environment and the arguments are ignored.
-    `dist_url` "auto" picks a free local port (single machine only).
-    """
+    """Run `main_func(*args)` in every process of the job (module docstring). `use_cuda` defaults to
+    whether CUDA is available; under torchrun the counts come from its environment; `dist_url` "auto": a free
+    local port."""
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if launched_by_torchrun():
         return _run_torchrun_worker(main_func, args, use_cuda, timeout)

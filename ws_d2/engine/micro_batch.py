@@ -33,13 +33,10 @@ def micro_batch_size(cfg, world_size):
 
 
 class MicroBatchTrainer(SimpleTrainer):
-    """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size: the big batch's
-    gradient where each loss normalizer counts images (docs/TRAINING.md). Under DDP it all-reduces once a step.
-    With `precision` (torch.float16 or torch.bfloat16) the passes run under autocast on the model's device, like
-    detectron2's AMPTrainer; float16 wants a `grad_scaler` (its range ends at 65504), bfloat16 needs none.
-    With `min_moving_speed` (BCN's EstBN) r is set before every forward pass from the passes so far: one step of
-    ITER_SIZE k moves the estimates as k steps of its micro-batches would.
-    """
+    """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size
+    (docs/TRAINING.md); under DDP it all-reduces once a step. `precision` (torch.float16 with a `grad_scaler`,
+    or torch.bfloat16) runs the passes under autocast, like AMPTrainer. `min_moving_speed` (EstBN) sets r
+    before every pass: one step of ITER_SIZE k moves the estimates as k steps of its micro-batches would."""
 
     def __init__(
         self,

@@ -22,12 +22,9 @@ def _distributed():
 
 
 class EstBN(nn.Module):
-    """BatchNorm by estimated statistics, in training too, with no gradient through them.
-
-    Each training forward first moves the estimates by r (``estbn_moving_speed``, set by the trainer's
-    schedule, not saved) towards the batch's moments, the variance taken around the OLD mean (the authors'
-    order), summed over all processes so that every rank keeps the same estimates. r = 0 moves nothing.
-    """
+    """BatchNorm by estimated statistics, in training too, with no gradient through them. Each training
+    forward first moves the estimates by r (``estbn_moving_speed``, set by the trainer, not saved) towards
+    the batch's moments over all processes, the variance taken around the OLD mean (the authors' order)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()

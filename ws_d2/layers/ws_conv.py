@@ -156,8 +156,8 @@ def _check_standardizable(weight):
     # each output channel's filter needs >= 2 elements: the unbiased std of one value divides by N-1 = 0
     if weight.dim() < 2 or weight.shape[1:].numel() < 2:
         raise ConfigError(
-            f"cannot weight-standardize a weight of shape {tuple(weight.shape)}: each output channel's filter needs "
-            "at least 2 elements (a conv weight O x I/groups x kH x kW; 1 input channel with a 1x1 kernel has 1)"
+            f"cannot weight-standardize a weight of shape {tuple(weight.shape)}: each output channel's filter "
+            "needs at least 2 elements (a conv weight O x I/groups x kH x kW; 1 input channel, 1x1 kernel: 1)"
         )
     if not weight.dtype.is_floating_point:
         raise ConfigError(f"cannot weight-standardize a weight of dtype {weight.dtype}: not floating point")
@@ -171,14 +171,10 @@ def conv2d_arguments(conv: Conv2d) -> dict:
 
 
 class WSConv2d(Conv2d):
-    """detectron2's Conv2d (conv + norm + activation) convolving with its standardized weight.
-
-    Conv2d's constructor plus `eps`, `formula` (WS_FORMULAS) and `mode` (WS_MODES); Conv2d's parameters and
-    state_dict keys (the "standardize_affine" and "weight_norm" modes add `ws_gain`, `ws_bias`). When the
-    weight needs no gradient (eval, a frozen stage) its per-filter statistics are cached until it changes
-    (in place, `.to()`, a new Parameter): W_hat itself would be a second copy of every weight. Writes through
-    `.data` bypass the version counter: write under `torch.no_grad()` or call `clear_ws_cache()`.
-    """
+    """detectron2's Conv2d (conv + norm + activation, same parameters and state_dict keys) convolving with
+    its standardized weight; plus `eps`, `formula` (WS_FORMULAS) and `mode` (WS_MODES; two add `ws_gain`,
+    `ws_bias`). A weight that needs no gradient (eval, a frozen stage) has its per-filter statistics cached
+    until it changes (W_hat would be a second copy); a write through `.data` is not seen: `clear_ws_cache()`."""
 
     def __init__(
         self, *args, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize", **kwargs
@@ -253,10 +249,6 @@ class WSConv2d(Conv2d):
     def _apply(self, fn, *args, **kwargs):
         self._ws_statistics = None
         return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._ws_statistics = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x):
         # detectron2's Conv2d check, kept: SyncBatchNorm fails on an empty batch with an obscure error

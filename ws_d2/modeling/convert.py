@@ -22,8 +22,8 @@ def convert_to_ws(
 
 
 def fold_ws(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every `WSConv2d` by a plain `Conv2d` holding its standardized weight, in place: the same outputs,
-    and a state_dict that detectron2's stock GN model loads (BCN layers stay: detectron2 has none)."""
+    """Replace every `WSConv2d` by a plain `Conv2d` holding its standardized weight, in place: the same
+    outputs, and a state_dict that detectron2's stock GN model loads (BCN layers stay: detectron2 has none)."""
     if not isinstance(module, WSConv2d):
         return _map_children(module, fold_ws)
     conv = Conv2d(**conv2d_arguments(module), device="meta")  # its parameters are set just below
@@ -35,8 +35,8 @@ def fold_ws(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def convert_to_bcn(module: torch.nn.Module, groups: int = 32, estimate: bool = True, prefix: str = "") -> int:
-    """Replace the GroupNorm of every detectron2 `Conv2d` in `module` by a `BatchChannelNorm` (where the authors'
-    BCN+WS ResNets have BCN); returns how many. A frozen GroupNorm (a frozen stage) gives a frozen BCN."""
+    """Replace the GroupNorm of every detectron2 `Conv2d` in `module` by a `BatchChannelNorm` (where the
+    authors' BCN+WS ResNets have BCN); returns how many. A frozen GroupNorm (a frozen stage) gives a frozen BCN."""
     convs = [(name, m) for name, m in module.named_modules() if isinstance(m, Conv2d)]
     norms = [(name, conv, conv.norm) for name, conv in convs if isinstance(conv.norm, torch.nn.GroupNorm)]
     for name, conv, norm in norms:
