@@ -3,13 +3,8 @@
 WS is a pure function of the weights, so `fold_ws` gives every WS conv W_hat = standardize(W): the outputs are
 the same, and the state_dict loads into the stock GN model that detectron2 alone builds from `stock_config`.
 The folded model traced through detectron2's `TracingAdapter` runs without ws_d2: `model.ts` (torch +
-torchvision) or `model.onnx` (onnxruntime alone). The graph's contract:
-
-- input `image`: uint8 H x W x 3 BGR (what cv2.imread gives), any size, already resized to the test size
-  (`ws_d2.predictor.resize_for_model`); the graph converts to INPUT.FORMAT, normalizes and pads itself;
-- outputs, one row per detection, best first: `boxes` float32 N x 4 (x0 y0 x1 y1, input pixels), `scores`,
-  `classes` int64 (0-based) and, for a mask model, `masks` float32 N x 28 x 28 (probabilities over each box,
-  not pasted). `ws_d2.predictor.DeployedPredictor` resizes before and pastes after, as detectron2 does.
+torchvision) or `model.onnx` (onnxruntime alone), on a resized BGR uint8 image; the graph's contract is in
+docs/DEMO_AND_EXPORT.md, and `ws_d2.predictor.DeployedPredictor` resizes before it and pastes masks after it.
 """
 
 import io

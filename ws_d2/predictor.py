@@ -26,7 +26,7 @@ from .modeling import fold_ws
 
 __all__ = ["DeployedPredictor", "VisualizationDemo", "WSPredictor", "resize_for_model"]
 
-DEPLOYED_INPUT = "image"  # the exported graph's input and outputs: ws_d2.export's docstring
+DEPLOYED_INPUT = "image"  # the exported graph's input and outputs (docs/DEMO_AND_EXPORT.md)
 DEPLOYED_OUTPUTS = ("boxes", "scores", "classes", "masks")  # "masks" for mask models only
 
 
