@@ -148,8 +148,8 @@ _DEPTH_OF_BLOCKS = {
 
 
 def infer_resnet_architecture(state_dict, prefix=""):
-    """{'depth', 'num_groups', 'width_per_group', 'name' (e.g. 'X_101_32x4d')} of a torchvision-style
-    ResNet/ResNeXt state_dict: depth from the blocks of layer1-4, groups and width from layer1.0.conv2."""
+    """The architecture of a torchvision-style ResNet/ResNeXt state_dict, e.g. 'R_50' or 'X_101_32x4d': depth
+    from the blocks of layer1-4, groups and width per group from layer1.0.conv2's shape."""
     blocks = [
         {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}layer{i}\.(\d+)\.", k))}
         for i in (1, 2, 3, 4)
@@ -159,9 +159,7 @@ def infer_resnet_architecture(state_dict, prefix=""):
     depth = _DEPTH_OF_BLOCKS.get((kind, counts))
     if depth is None:
         raise ValueError(f"blocks per stage {counts} ({kind}) match no ResNet depth")
-    num_groups, width_per_group = 1, 64
-    if kind == "bottleneck":
-        out_channels, in_per_group = tuple(state_dict[f"{prefix}layer1.0.conv2.weight"].shape[:2])
-        num_groups, width_per_group = out_channels // in_per_group, in_per_group
-    name = f"R_{depth}" if num_groups == 1 else f"X_{depth}_{num_groups}x{width_per_group}d"
-    return {"depth": depth, "num_groups": num_groups, "width_per_group": width_per_group, "name": name}
+    out_channels, per_group = state_dict[f"{prefix}layer1.0.conv2.weight"].shape[:2]
+    if kind == "basic" or out_channels == per_group:
+        return f"R_{depth}"
+    return f"X_{depth}_{out_channels // per_group}x{per_group}d"

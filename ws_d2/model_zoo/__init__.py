@@ -73,7 +73,7 @@ def seed_config_file(checkpoint, source):
     mask_on = any(k[len(prefix) :].startswith("roi_head.mask_head.") for k in state_dict)
     resnet_prefix = prefix + ("backbone." if source == "mmdet" else "")
     try:
-        architecture = infer_resnet_architecture(state_dict, prefix=resnet_prefix)["name"]
+        architecture = infer_resnet_architecture(state_dict, prefix=resnet_prefix)
     except (KeyError, ValueError) as e:
         raise CheckpointError(
             f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
