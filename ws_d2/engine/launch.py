@@ -8,13 +8,12 @@ raises, in a ChildProcessError with its exception's line.
 """
 
 import os
-from datetime import timedelta
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import launch as detectron2_launch
-from detectron2.engine.launch import _find_free_port
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
@@ -25,7 +24,6 @@ create_local_process_group = getattr(comm, "create_local_process_group", compat.
 
 __all__ = ["WorkerDied", "launch", "launched_by_torchrun"]
 
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -38,8 +36,7 @@ def launched_by_torchrun():
 
 
 def _run_torchrun_worker(main_func, args, use_cuda, timeout):
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+    world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     procs_per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if world_size % procs_per_machine:
         raise RuntimeError(
