@@ -42,6 +42,7 @@ def _standardize_rows(flat, eps, formula="std_plus_eps"):
 
 
 def _apply_statistics(flat, mean, inv_denom):
+    """W_hat from its row statistics: bitwise the W_hat that `_standardize_rows` returns."""
     return (flat - mean).mul_(inv_denom)
 
 
@@ -73,9 +74,8 @@ class _StandardizeWeight(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         w_hat, std, inv_denom = ctx.saved_tensors
-        grad = _standardize_rows_backward(
-            grad_output.reshape(w_hat.shape), w_hat, std, inv_denom, ctx.formula
-        )
+        grad_w_hat = grad_output.reshape(w_hat.shape)
+        grad = _standardize_rows_backward(grad_w_hat, w_hat, std, inv_denom, ctx.formula)
         return grad.view_as(grad_output), None, None
 
 
