@@ -87,13 +87,8 @@ def _load_pickle(f, name):
 
 # The numpy objects torch.load may also rebuild (numpy arrays or scalars saved in a .pth). numpy >= 1.20
 # gives each builtin dtype its own class (numpy.dtypes.Float32DType, ...), which torch checks on BUILD.
-_TORCH_SAFE_NUMPY = [
-    np.ndarray,
-    np.dtype,
-    _np_multiarray._reconstruct,
-    _np_multiarray.scalar,
-    *{type(np.dtype(code)) for code in np.typecodes["All"]},
-]
+_TORCH_SAFE_NUMPY = [np.ndarray, np.dtype, _np_multiarray._reconstruct, _np_multiarray.scalar]
+_TORCH_SAFE_NUMPY += {type(np.dtype(code)) for code in np.typecodes["All"]}
 # How torch's weights-only unpickler names what it refused, most specific first.
 _TORCH_REFUSAL_PATTERNS = [r"GLOBAL ([\w.]+)", r"got <class '([\w.]+)'>", r"WeightsUnpickler error: ([^\n]+)"]
 
