@@ -76,20 +76,17 @@ def _check_images(json_file, image_root, dicts, always):
     share = dicts[rank::world]
     threads = 8  # header reads wait on the file system (on network storage, milliseconds each)
     check = functools.partial(_image_problem, json_file)
+    # consecutive runs of indexed records, one per thread: each stops at its first problem
+    indexed, size = list(enumerate(share)), -(-len(share) // threads)
+    runs = [indexed[i : i + size] for i in range(0, len(indexed), size)]
     with ThreadPoolExecutor(threads) as pool:
-        found = pool.map(lambda part: next(filter(None, map(check, part)), None), _split(share, threads))
+        found = pool.map(lambda run: next(filter(None, map(check, run)), None), runs)
         problem = min(filter(None, found), default=None)  # the first in the file's order
     if problem:
         raise DatasetError(problem[1])
     os.makedirs(os.path.dirname(markers[1]), exist_ok=True)
     with atomic_write(markers[1], "w") as f:
         json.dump({"json_file": json_file, "image_root": image_root, "images": len(share)}, f)
-
-
-def _split(records, parts):
-    """`records` in `parts` consecutive runs, each item with its index: the first problem is the file's first."""
-    indexed, size = list(enumerate(records)), -(-len(records) // parts)
-    return [indexed[i : i + size] for i in range(0, len(indexed), size)]
 
 
 def _image_problem(json_file, indexed_record):
