@@ -13,6 +13,7 @@ import torch
 from detectron2.modeling import build_model
 
 import ws_d2
+from ws_d2.errors import ConfigError
 from ws_d2.export import deployable_inference, export_deployable
 from ws_d2.predictor import DeployedPredictor, WSPredictor, resize_for_model
 
@@ -36,6 +37,9 @@ MODELS = {
          "MODEL.RPN.POST_NMS_TOPK_TEST", "50"],
         ("onnx",),
     ),
+    # Cascade Mask R-CNN (three box heads, class-agnostic boxes) at tiny_family_cfg's size (None: its opts)
+    "cascade": ("configs/COCO-InstanceSegmentation/cascade_mask_rcnn_R_50_FPN_gn_ws_3x.yaml", None,
+                ("torchscript", "onnx")),
 }  # fmt: skip
 # A landscape and a portrait image: resized to 128 x 171 and 213 x 128 (quickstart), 96 x 128 and 128 x 77.
 IMAGE_SIZES = [(120, 160), (150, 90)]
@@ -51,13 +55,14 @@ def config_with_random_weights(config_file, opts, weights_file, seed=0):
 
 
 @pytest.fixture(scope="module")
-def exported(repo_root, tmp_path_factory):
+def exported(repo_root, tmp_path_factory, tiny_family_opts):
     """`exported(name)`: (cfg, {format: file}) of a model of MODELS, exported once per module."""
     done = {}
 
     def export(name):
         if name not in done:
             config_file, opts, formats = MODELS[name]
+            opts = tiny_family_opts if opts is None else opts
             directory = tmp_path_factory.mktemp(name)
             cfg = config_with_random_weights(str(repo_root / config_file), opts, directory / "weights.pth")
             done[name] = cfg, {fmt: export_deployable(cfg, str(directory), fmt) for fmt in formats}
@@ -229,3 +234,21 @@ def test_bcn_model_exports_and_demo_runs_it(load_tool, tiny_config, repo_root, t
     assert load_tool("demo").main([*demo, "--output", str(tmp_path / "drawn.png"), *opts]) == 0
     drawn = cv2.imread(str(tmp_path / "drawn.png"))
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)  # detections were drawn
+
+
+@pytest.mark.parametrize(
+    "config_file, arch",
+    [
+        ("configs/COCO-Detection/retinanet_R_50_FPN_gn_ws_1x.yaml", "WSRetinaNet"),
+        ("configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_gn_ws_3x.yaml", "PanopticFPN"),
+    ],
+)
+def test_export_refuses_models_outside_the_graphs_contract(
+    repo_root, tiny_family_opts, tmp_path, config_file, arch
+):
+    """The deployed graph's outputs are R-CNN detections (module docstring): RetinaNet (a dense detector
+    without R-CNN's inference step) and Panoptic FPN (semantic and panoptic outputs) are refused by name."""
+    cfg = config_with_random_weights(str(repo_root / config_file), tiny_family_opts, tmp_path / "w.pth")
+    with pytest.raises(ConfigError, match=f"^MODEL.META_ARCHITECTURE={arch}: only GeneralizedRCNN"):
+        export_deployable(cfg, str(tmp_path), "onnx")
+    assert not (tmp_path / "model.onnx").exists()
