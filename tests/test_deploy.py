@@ -37,9 +37,6 @@ MODELS = {
          "MODEL.RPN.POST_NMS_TOPK_TEST", "50"],
         ("onnx",),
     ),
-    # Cascade Mask R-CNN (three box heads, class-agnostic boxes) at tiny_family_cfg's size (None: its opts)
-    "cascade": ("configs/COCO-InstanceSegmentation/cascade_mask_rcnn_R_50_FPN_gn_ws_3x.yaml", None,
-                ("torchscript", "onnx")),
 }  # fmt: skip
 # A landscape and a portrait image: resized to 128 x 171 and 213 x 128 (quickstart), 96 x 128 and 128 x 77.
 IMAGE_SIZES = [(120, 160), (150, 90)]
@@ -55,14 +52,13 @@ def config_with_random_weights(config_file, opts, weights_file, seed=0):
 
 
 @pytest.fixture(scope="module")
-def exported(repo_root, tmp_path_factory, tiny_family_opts):
+def exported(repo_root, tmp_path_factory):
     """`exported(name)`: (cfg, {format: file}) of a model of MODELS, exported once per module."""
     done = {}
 
     def export(name):
         if name not in done:
             config_file, opts, formats = MODELS[name]
-            opts = tiny_family_opts if opts is None else opts
             directory = tmp_path_factory.mktemp(name)
             cfg = config_with_random_weights(str(repo_root / config_file), opts, directory / "weights.pth")
             done[name] = cfg, {fmt: export_deployable(cfg, str(directory), fmt) for fmt in formats}

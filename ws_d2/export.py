@@ -20,7 +20,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.export import TracingAdapter
-from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, GeneralizedRCNN
+from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, GeneralizedRCNN, PanopticFPN
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
@@ -166,7 +166,8 @@ def export_deployable(cfg, output_dir, fmt, image=None):
 
 def check_deployable(model, cfg):
     """Refuse, in one line naming what blocks it, a model the deployed graph cannot represent."""
-    if not isinstance(model, GeneralizedRCNN):
+    # PanopticFPN is a GeneralizedRCNN whose semantic and panoptic outputs the graph does not carry
+    if not isinstance(model, GeneralizedRCNN) or isinstance(model, PanopticFPN):
         raise ConfigError(
             f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only GeneralizedRCNN (Faster/Mask R-CNN) "
             "models are exported to TorchScript/ONNX"
