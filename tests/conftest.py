@@ -48,6 +48,37 @@ def tiny_cfg():
     return make
 
 
+# A config of configs/ (Cascade, RetinaNet, Panoptic FPN...) at tests/configs/tiny_mask_rcnn_R_18_FPN.yaml's size:
+# R-18, 32-channel FPN and heads (one GroupNorm group per channel), 3 thing classes (+1 stuff class for
+# Panoptic FPN), few anchors and RoIs, no weights; every detection kept, so that comparisons have some.
+TINY_FAMILY_OPTS = [
+    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.CONV_DIM", "32",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.RETINANET.NUM_CLASSES", "3", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "20", "MODEL.RPN.PRE_NMS_TOPK_TEST", "50", "MODEL.RPN.POST_NMS_TOPK_TEST", "20",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "8", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "5", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_family_opts():
+    return list(TINY_FAMILY_OPTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_cfg():
+    """`tiny_family_cfg(name, *opts)`: configs/`name` (unfrozen) at TINY_FAMILY_OPTS's size, with overrides."""
+
+    def make(name, *opts, freeze=False):
+        return ws_d2.load_config(str(REPO / "configs" / name), [*TINY_FAMILY_OPTS, *opts], freeze=freeze)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset():
     """`tiny_dataset(root, prefix, ...)`: a tiny synthetic set (64 px) in `root`, registered as

@@ -13,6 +13,7 @@ import torch
 from detectron2.modeling import build_model
 
 import ws_d2
+from ws_d2.errors import ConfigError
 from ws_d2.export import deployable_inference, export_deployable
 from ws_d2.predictor import DeployedPredictor, WSPredictor, resize_for_model
 
@@ -229,3 +230,21 @@ def test_bcn_model_exports_and_demo_runs_it(load_tool, tiny_config, repo_root, t
     assert load_tool("demo").main([*demo, "--output", str(tmp_path / "drawn.png"), *opts]) == 0
     drawn = cv2.imread(str(tmp_path / "drawn.png"))
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)  # detections were drawn
+
+
+@pytest.mark.parametrize(
+    "config_file, arch",
+    [
+        ("configs/COCO-Detection/retinanet_R_50_FPN_gn_ws_1x.yaml", "WSRetinaNet"),
+        ("configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_gn_ws_3x.yaml", "PanopticFPN"),
+    ],
+)
+def test_export_refuses_models_outside_the_graphs_contract(
+    repo_root, tiny_family_opts, tmp_path, config_file, arch
+):
+    """The deployed graph's outputs are R-CNN detections (module docstring): RetinaNet (a dense detector
+    without R-CNN's inference step) and Panoptic FPN (semantic and panoptic outputs) are refused by name."""
+    cfg = config_with_random_weights(str(repo_root / config_file), tiny_family_opts, tmp_path / "w.pth")
+    with pytest.raises(ConfigError, match=f"^MODEL.META_ARCHITECTURE={arch}: only GeneralizedRCNN"):
+        export_deployable(cfg, str(tmp_path), "onnx")
+    assert not (tmp_path / "model.onnx").exists()

@@ -16,7 +16,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.export import TracingAdapter
-from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, GeneralizedRCNN, PanopticFPN
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
@@ -35,14 +35,19 @@ ONNX_OPSET = 17  # 16 is the first with RoiAlign's half-pixel (aligned) coordina
 STOCK_NAMES = {
     "build_ws_resnet_backbone": "build_resnet_backbone",
     "build_ws_resnet_fpn_backbone": "build_resnet_fpn_backbone",
+    "build_ws_retinanet_resnet_fpn_backbone": "build_retinanet_resnet_fpn_backbone",
+    "WSRetinaNet": "RetinaNet",  # builds detectron2's RetinaNetHead with RETINANET.NORM (main; v0.6 refuses GN)
+    "WSSemSegFPNHead": "SemSegFPNHead",
     "WSFastRCNNConvFCHead": "FastRCNNConvFCHead",
     "WSMaskRCNNConvUpsampleHead": "MaskRCNNConvUpsampleHead",
 }
-COMPONENT_KEYS = {
+COMPONENT_KEYS = {  # (MODEL's child node, or "" for MODEL itself; key) -> registry
+    ("", "META_ARCHITECTURE"): META_ARCH_REGISTRY,
     ("BACKBONE", "NAME"): BACKBONE_REGISTRY,
     ("ROI_HEADS", "NAME"): ROI_HEADS_REGISTRY,
     ("ROI_BOX_HEAD", "NAME"): ROI_BOX_HEAD_REGISTRY,
     ("ROI_MASK_HEAD", "NAME"): ROI_MASK_HEAD_REGISTRY,
+    ("SEM_SEG_HEAD", "NAME"): SEM_SEG_HEADS_REGISTRY,
 }
 
 
@@ -57,10 +62,11 @@ def stock_config(cfg):
         )
     stock = _known_keys_only(cfg, get_cfg())
     for (node_name, key), registry in COMPONENT_KEYS.items():
-        node = stock.MODEL[node_name]
+        node = stock.MODEL[node_name] if node_name else stock.MODEL
         name = node[key] = STOCK_NAMES.get(node[key], node[key])
         if name in registry and _comes_from_ws_d2(registry.get(name)):
-            raise ConfigError(f"MODEL.{node_name}.{key}={name} is a ws_d2 component with no stock twin")
+            where = ".".join(filter(None, ("MODEL", node_name, key)))
+            raise ConfigError(f"{where}={name} is a ws_d2 component with no stock twin")
     return stock
 
 
@@ -135,7 +141,8 @@ def export_deployable(cfg, output_dir, fmt, image=None):
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
     model = WSPredictor(cfg, fold=True, covering=True).model  # an export must not carry initial values
-    if not isinstance(model, GeneralizedRCNN):
+    # PanopticFPN is a GeneralizedRCNN whose semantic and panoptic outputs the graph does not carry
+    if not isinstance(model, GeneralizedRCNN) or isinstance(model, PanopticFPN):
         raise ConfigError(
             f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only GeneralizedRCNN (Faster/Mask R-CNN) "
             "models are exported to TorchScript/ONNX"

@@ -1,13 +1,23 @@
-# importing backbone and heads registers their components in detectron2's registries
-from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone
+# importing backbone and the heads registers their components in detectron2's registries
+from .backbone import (
+    build_ws_resnet_backbone,
+    build_ws_resnet_fpn_backbone,
+    build_ws_retinanet_resnet_fpn_backbone,
+)
 from .convert import convert_to_bcn, convert_to_ws, count_bcn, count_ws_convs, fold_ws
 from .heads import WSFastRCNNConvFCHead, WSMaskRCNNConvUpsampleHead
+from .retinanet import WSRetinaNet, WSRetinaNetHead
+from .sem_seg_head import WSSemSegFPNHead
 
 __all__ = [
     "WSFastRCNNConvFCHead",
     "WSMaskRCNNConvUpsampleHead",
+    "WSRetinaNet",
+    "WSRetinaNetHead",
+    "WSSemSegFPNHead",
     "build_ws_resnet_backbone",
     "build_ws_resnet_fpn_backbone",
+    "build_ws_retinanet_resnet_fpn_backbone",
     "convert_to_bcn",
     "convert_to_ws",
     "count_bcn",

@@ -4,12 +4,17 @@ put on the normalized convs and, with MODEL.BCN.ENABLED, BCN in place of every G
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import build_resnet_backbone
-from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
 
 from ..errors import ConfigError
 from .convert import convert_to_bcn, convert_to_ws
 
-__all__ = ["build_ws_resnet_backbone", "build_ws_resnet_fpn_backbone", "convert_by_config"]
+__all__ = [
+    "build_ws_resnet_backbone",
+    "build_ws_resnet_fpn_backbone",
+    "build_ws_retinanet_resnet_fpn_backbone",
+    "convert_by_config",
+]
 
 
 def convert_by_config(module, cfg, prefix=""):
@@ -41,3 +46,10 @@ def build_ws_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet-FPN with WS on the ResNet convs and the FPN lateral and output convs."""
     _check_bcn_norm(cfg)
     return convert_by_config(build_resnet_fpn_backbone(cfg, input_shape), cfg, "backbone.")
+
+
+@BACKBONE_REGISTRY.register()
+def build_ws_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """detectron2's RetinaNet ResNet-FPN (P3-P7) with WS as above; its P6/P7 convs carry no norm and stay plain."""
+    _check_bcn_norm(cfg)
+    return convert_by_config(build_retinanet_resnet_fpn_backbone(cfg, input_shape), cfg, "backbone.")
