@@ -13,6 +13,11 @@ endif
 
 .PHONY: env test test-quick test-d2main lint format quickstart benchmark cuda-check clean
 
+# the suite in TEST_WORKERS processes (pytest-xdist; each test file on one, each on one thread: tests/conftest.py);
+# TEST_WORKERS=0 runs it in make's own pytest process
+TEST_WORKERS ?= 2
+PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # test-d2main: D2_DIR holds a `detectron2` package (e.g. a source checkout built in place); when it has none,
 # detectron2 main is built there with its compiled ops (~2 min on 2 cores) from D2_SRC
 D2_SRC ?= ../shared/detectron2-main-02b5c4e2.tar.gz
@@ -33,16 +38,16 @@ format: env
 	$(PYTHON) -m ruff check --fix .
 
 test: env lint
-	$(PYTHON) -m pytest -q tests
+	$(PYTEST) tests
 
 test-d2main: env
 	test -d $(D2_DIR)/detectron2 || { test -f $(D2_SRC) || { echo "no detectron2 in $(D2_DIR), no $(D2_SRC)" >&2; \
 		exit 1; }; MAX_JOBS=2 $(PYTHON) -m pip install -q --no-build-isolation --no-deps --target $(D2_DIR) $(D2_SRC); }
 	PYTHONPATH=$(D2_DIR):$(CURDIR) $(PYTHON) -c "import detectron2; print('detectron2 from', detectron2.__path__[0])"
-	PYTHONPATH=$(D2_DIR):$(CURDIR) $(PYTHON) -m pytest -q tests
+	PYTHONPATH=$(D2_DIR):$(CURDIR) $(PYTEST) tests
 
 test-quick: env
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 quickstart: env
 	$(PYTHON) tools/quickstart.py

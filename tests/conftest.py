@@ -27,6 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "tests" / "configs" / "tiny_mask_rcnn_R_18_FPN.yaml")
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests (real training processes) first: `make test`'s workers start the longest files at once
+    and fill in with the short ones, so that they finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

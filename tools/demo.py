@@ -2,7 +2,7 @@
 """Draw a ws_d2 (or any detectron2) model's predictions on images, a video or the webcam.
 
   python tools/demo.py --config-file CFG --input a.jpg photos/ 'shots/*.png' --output out/ \\
-      [--json results.json [--coco-json instances_val.json]] --opts MODEL.WEIGHTS model.pth
+      --opts MODEL.WEIGHTS model.pth
   python tools/demo.py --config-file CFG --video-input clip.mp4 --output drawn.mp4 --opts ...
   python tools/demo.py --config-file CFG --webcam [--output cam.avi] [--max-frames N] --opts ...
 
@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import glob
 import itertools
-import json
 import logging
 import os
 import sys
@@ -25,10 +24,9 @@ import ws_d2  # first: it patches what an older detectron2 needs before detectro
 import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from PIL import Image, UnidentifiedImageError
 
-from ws_d2.errors import DatasetError, WSD2Error, command_line, one_line
+from ws_d2.errors import WSD2Error, command_line, one_line
 from ws_d2.files import atomic_output_path, atomic_write, refuse_output_onto_inputs
 from ws_d2.predictor import DeployedPredictor, VisualizationDemo, WSPredictor
 
@@ -40,7 +38,7 @@ logger = logging.getLogger("demo")
 
 
 class UnreadableImageError(WSD2Error):
-    """An input that is missing or not a decodable image; the message starts with its name."""
+    """An input that is missing or not a decodable image, or a drawing that cannot be written: named first."""
 
 
 def get_parser():
@@ -53,8 +51,6 @@ def get_parser():
     source.add_argument("--webcam", action="store_true", help="camera 0")
     add("--output", metavar="PATH", help="a folder, or a file for one image or a video (.mp4, .avi)")
     add("--confidence-threshold", type=float, default=0.5, help="minimum score to keep")
-    add("--json", metavar="FILE", help="also write the predictions as COCO results")
-    add("--coco-json", metavar="FILE", help="COCO annotation file giving --json's image and category ids")
     add("--max-frames", type=int, metavar="N", help="stop a video or webcam after N frames")
     add("--fold-ws", action="store_true", help="fold WS into the conv weights (same outputs)")
     add("--onnx", metavar="FILE", help="run this model.onnx (tools/export_model.py) instead")
@@ -67,8 +63,7 @@ def setup_logging():
     progress, problems = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     progress.addFilter(lambda record: record.levelno < logging.WARNING)
     problems.setLevel(logging.WARNING)
-    for name in ("demo", "detectron2", "fvcore"):
-        named = logging.getLogger(name)
+    for named in map(logging.getLogger, ("demo", "detectron2", "fvcore")):
         named.handlers, named.propagate = [progress, problems], False
         named.setLevel(logging.INFO)
 
@@ -107,47 +102,9 @@ def read_image_bgr(path):
         reason = getattr(e, "strerror", None) or one_line(e)  # a missing or truncated file is an OSError
         if isinstance(e, UnidentifiedImageError):
             reason = "not an image format PIL can decode"
-        message = f"{path}: cannot read as an image ({type(e).__name__}: {reason})"
-        raise UnreadableImageError(message) from None
-
-
-def coco_ids(paths, metadata, annotation_file=None):
-    """({path: image id}, {class index: category id} or None) for --json. Image ids: the annotation file's (by
-    file name), else the file names when all are distinct integers (000000000139.jpg), else 1..N. Category
-    ids: the metadata's (detectron2 sets them when it loads a COCO set), else the annotation file's in
-    detectron2's order (sorted), else None: the class indices are written."""
-    name, images, categories = os.path.basename, [], []
-    try:
-        if annotation_file:
-            with open(annotation_file) as f:
-                dataset = json.load(f)
-            images, categories = list(dataset["images"]), sorted(c["id"] for c in dataset["categories"])
-        listed = {name(image["file_name"]): image["id"] for image in images}
-    except (ValueError, KeyError, TypeError) as e:
-        raise DatasetError(f"{annotation_file}: not a COCO annotation file ({one_line(e)})") from None
-    stems = [os.path.splitext(name(path))[0] for path in paths]
-    if annotation_file:
-        for path in paths:
-            if name(path) not in listed:
-                raise DatasetError(f"{annotation_file} lists no image named {name(path)} ({path})")
-        image_ids = {path: listed[name(path)] for path in paths}
-    elif all(stem.isdigit() for stem in stems) and len({int(stem) for stem in stems}) == len(stems):
-        image_ids = {path: int(stem) for path, stem in zip(paths, stems)}
-    else:
-        image_ids = {path: i for i, path in enumerate(paths, start=1)}
-    mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-    mapping = mapping or {dataset_id: index for index, dataset_id in enumerate(categories)}
-    return image_ids, {index: dataset_id for dataset_id, index in mapping.items()} or None
-
-
-def instances_to_coco_results(instances, image_id, category_ids=None):
-    """detectron2's COCO results of `instances`, with `category_ids` ({class index: category id}) applied."""
-    results = instances_to_coco_json(instances.to("cpu"), image_id)
-    for result in results if category_ids else []:
-        if result["category_id"] not in category_ids:
-            raise DatasetError(f"the model's class {result['category_id']} has no COCO category id")
-        result["category_id"] = category_ids[result["category_id"]]
-    return results
+        raise UnreadableImageError(
+            f"{path}: cannot read as an image ({type(e).__name__}: {reason})"
+        ) from None
 
 
 def show(drawn_bgr, wait_ms):
@@ -157,41 +114,43 @@ def show(drawn_bgr, wait_ms):
     return cv2.waitKey(wait_ms) != ESC
 
 
-def run_on_images(demo, paths, output, into_folder, image_ids=None, category_ids=None):
-    """Draw each image's predictions into `output` (a folder when `into_folder`) or a window; with `image_ids`
-    also collect COCO results. Returns (paths done, one-line failures, COCO results)."""
-    done, failed, coco_results, written = [], [], [], set()
+def write_image(drawn_bgr, target, source, written):
+    """Write a drawing to `target`, or to `stem_N.ext` when another input of the same name was drawn there."""
+    stem, extension = os.path.splitext(target)
+    for n in itertools.count(1):
+        if target not in written:
+            break
+        target = f"{stem}_{n}{extension}"
+    # imencode raises for an extension it has no writer for, rather than return False
+    encoded = cv2.haveImageWriter(target) and cv2.imencode(extension, drawn_bgr)
+    if not (encoded and encoded[0]):
+        raise UnreadableImageError(
+            f"{target}: cannot write the drawing of {source} (unsupported image extension?)"
+        )
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    with atomic_write(target) as f:
+        f.write(encoded[1].tobytes())
+    written.add(target)
+
+
+def run_on_images(demo, paths, output, into_folder):
+    """Draw each image's predictions into `output` (a folder when `into_folder`) or a window.
+    Returns (the number of images done, one-line failures)."""
+    done, failed, written = 0, [], set()
     for path in paths:
         try:
             predictions, drawn_rgb = demo.run_on_image(read_image_bgr(path))
+            logger.info("%s: %d instances", path, len(predictions["instances"]))
+            if not output and not show(drawn_rgb[:, :, ::-1], 0):
+                break
+            if output:
+                target = os.path.join(output, os.path.basename(path)) if into_folder else output
+                write_image(drawn_rgb[:, :, ::-1], target, path, written)
+            done += 1
         except UnreadableImageError as e:
             failed.append(str(e))
             logger.warning("skipped %s", e)
-            continue
-        logger.info("%s: %d instances", path, len(predictions["instances"]))
-        if image_ids is not None:
-            coco_results += instances_to_coco_results(predictions["instances"], image_ids[path], category_ids)
-        if not output and not show(drawn_rgb[:, :, ::-1], 0):
-            break
-        if output:  # two inputs of the same name (from two folders) get two files
-            target = os.path.join(output, os.path.basename(path)) if into_folder else output
-            stem, extension = os.path.splitext(target)
-            for n in itertools.count(1):
-                if target not in written:
-                    break
-                target = f"{stem}_{n}{extension}"
-            # imencode raises for an extension it has no writer for, rather than return False
-            encoded = cv2.haveImageWriter(target) and cv2.imencode(extension, drawn_rgb[:, :, ::-1])
-            if not (encoded and encoded[0]):
-                failed.append(f"{target}: cannot write the drawing of {path} (unsupported image extension?)")
-                logger.warning("skipped %s", failed[-1])
-                continue
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            with atomic_write(target) as f:
-                f.write(encoded[1].tobytes())
-            written.add(target)
-        done.append(path)
-    return done, failed, coco_results
+    return done, failed
 
 
 def open_capture(video_file):
@@ -237,11 +196,6 @@ def run_on_video(demo, frames, output=None, fps=30.0, display=False, max_frames=
     return count
 
 
-def make_predictor(cfg, args):
-    """The exported --onnx model (the same detections: DeployedPredictor) or the PyTorch model."""
-    return DeployedPredictor(cfg, args.onnx) if args.onnx else WSPredictor(cfg, fold=args.fold_ws)
-
-
 def is_folder(path):
     return os.path.isdir(path) or path.endswith(("/", os.sep))
 
@@ -252,8 +206,6 @@ def check_args(parser, args):
     if output and not args.input and (is_folder(output) or not os.path.splitext(output)[1]):
         source = os.path.basename(args.video_input or "webcam")
         output = os.path.join(output, os.path.splitext(source)[0] + ".mp4")
-    if args.json and not args.input:
-        parser.error("--json works with --input images only")
     if output and not args.input and os.path.splitext(output)[1].lower() not in VIDEO_CODECS:
         parser.error(f"--output {output}: a video is written as {' or '.join(VIDEO_CODECS)}")
     if args.onnx and args.fold_ws:
@@ -278,37 +230,30 @@ def main(argv=None):
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
     cfg.freeze()
-    if not args.input:
+    if args.input:
+        paths, problems = expand_inputs(args.input)
+        into_folder = bool(output) and (len(paths) > 1 or is_folder(output))
+        refuse_output_onto_inputs(output, [*paths, args.config_file], into_folder)
+        for problem in problems:
+            logger.warning("skipped %s", problem)
+    else:
         refuse_output_onto_inputs(output, [args.video_input, args.config_file])
-        capture = open_capture(args.video_input)  # before the model: a missing camera is found at once
-        try:
-            demo = VisualizationDemo(make_predictor(cfg, args))
+    capture = (
+        None if args.input else open_capture(args.video_input)
+    )  # before the model: no camera is found at once
+    try:  # the exported ONNX model (the same detections) or the PyTorch model
+        predictor = DeployedPredictor(cfg, args.onnx) if args.onnx else WSPredictor(cfg, fold=args.fold_ws)
+        demo = VisualizationDemo(predictor)
+        if capture is not None:
             fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may report 0
             count = run_on_video(demo, capture, output, fps, not output, args.max_frames)
-        finally:
+            logger.info("%d frames processed%s", count, f", written to {output}" if output else "")
+            return 0
+    finally:
+        if capture is not None:
             capture.release()
-        logger.info("%d frames processed%s", count, f", written to {output}" if output else "")
-        return 0
-
-    paths, problems = expand_inputs(args.input)
-    into_folder = bool(output) and (len(paths) > 1 or is_folder(output))
-    refuse_output_onto_inputs(output, [*paths, args.config_file], into_folder)
-    refuse_output_onto_inputs(args.json, [*paths, args.config_file, args.coco_json], option="--json")
-    for problem in problems:
-        logger.warning("skipped %s", problem)
-    predictor = make_predictor(cfg, args)
-    image_ids = category_ids = None
-    if args.json:
-        image_ids, category_ids = coco_ids(paths, predictor.metadata, args.coco_json)
-    if args.json and category_ids is None:
-        logger.warning("%s: category_id is the model's class index (no id mapping found)", args.json)
-    demo = VisualizationDemo(predictor)
-    done, failed, results = run_on_images(demo, paths, output, into_folder, image_ids, category_ids)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with atomic_write(args.json, "w") as f:
-            json.dump(results, f)
-    logger.info("%d images processed, %d inputs failed", len(done), len(problems) + len(failed))
+    done, failed = run_on_images(demo, paths, output, into_folder)
+    logger.info("%d images processed, %d inputs failed", done, len(problems) + len(failed))
     return 1 if problems or failed else 0
 
 
