@@ -38,8 +38,8 @@ def test_trains_checkpoints_and_resumes(tmp_path, repo_root, tiny_dataset, load_
     config = str(repo_root / MASK_RCNN)
     assert tool.run(["--config-file", config, *opts, "train.max_iter=4", "train.checkpointer.period=2"]) == 0
     assert {p.name for p in output_dir.glob("*.pth")} == {
-        "model_0001.pth",
-        "model_0003.pth",
+        "model_0000001.pth",
+        "model_0000003.pth",
         "model_final.pth",
     }
     assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
