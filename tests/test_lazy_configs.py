@@ -115,9 +115,9 @@ def test_python_config_trains_with_the_yaml_recipe(repo_root, pair):
     lazy.optimizer.params.model = model
     lazy_optimizer = instantiate(lazy.optimizer)
     assert type(lazy_optimizer) is type(optimizer)
-    # per parameter of the one model: lr, momentum, weight decay (GN's too), ...
+    # per parameter of the one model, what SGD reads: lr, momentum, weight decay (GN's too), ...
     hyperparameters = [
-        {id(p): {k: v for k, v in g.items() if k != "params"} for g in o.param_groups for p in g["params"]}
+        {id(p): {k: g[k] for k in optimizer.defaults} for g in o.param_groups for p in g["params"]}
         for o in (optimizer, lazy_optimizer)
     ]
     assert hyperparameters[1] == hyperparameters[0]
