@@ -48,3 +48,19 @@ def test_configs_without_published_weights_and_unknown_names_are_refused():
                 model_zoo.get_checkpoint_url(name)
     with pytest.raises(ConfigError, match="is not one of ws_d2's configs"):
         model_zoo.get_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", trained=True)
+
+
+def test_python_configs_by_name_with_their_yaml_twins_weights():
+    python = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
+    assert "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.py" in python
+    for name in python:
+        assert model_zoo.get_config_file(name) == str(CONFIGS / name)
+        cfg, twin = model_zoo.get_config(name), name[: -len(".py")] + ".yaml"
+        if (
+            twin in ALL
+        ):  # the same weights as the YAML twin: ImageNet by URL unless converted into pretrained/
+            assert cfg.train.init_checkpoint == model_zoo.get_config(twin).MODEL.WEIGHTS
+        if twin in model_zoo.published.TRAINED:
+            url = model_zoo.get_checkpoint_url(twin)
+            assert model_zoo.get_checkpoint_url(name) == url
+            assert model_zoo.get_config(name, trained=True).train.init_checkpoint == url

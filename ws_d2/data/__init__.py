@@ -4,7 +4,7 @@ Importing this package registers the synthetic set's names (`ws_d2_synthetic_tra
 with their metadata; the files themselves are made by `generate_synthetic_dataset`.
 """
 
-from .coco import IMAGE_CHECKS, check_datasets, load_checked_coco, register_coco_dataset
+from .coco import IMAGE_CHECKS, check_dataset_names, check_datasets, load_checked_coco, register_coco_dataset
 from .synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_SPLITS,
@@ -20,6 +20,7 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_SPLITS",
     "IMAGE_CHECKS",
+    "check_dataset_names",
     "check_datasets",
     "default_synthetic_root",
     "generate_synthetic_dataset",

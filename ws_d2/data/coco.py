@@ -22,7 +22,13 @@ from PIL import Image
 from ..errors import ConfigError, DatasetError, one_line
 from ..files import atomic_write
 
-__all__ = ["IMAGE_CHECKS", "check_datasets", "load_checked_coco", "register_coco_dataset"]
+__all__ = [
+    "IMAGE_CHECKS",
+    "check_dataset_names",
+    "check_datasets",
+    "load_checked_coco",
+    "register_coco_dataset",
+]
 
 IMAGE_CHECKS = ("once", "always", "never")  # once: per data set version; never: trust the files
 EXIF_ORIENTATION = 0x0112
@@ -167,7 +173,14 @@ def _named_record_error(json_file, error):
 def check_datasets(cfg, train=True):
     """Check that every data set the config uses (TEST, and TRAIN if `train`) is registered, present on disk
     and, once its classes are known (set when it is loaded), has MODEL.ROI_HEADS.NUM_CLASSES of them."""
-    for name in (*(cfg.DATASETS.TRAIN if train else ()), *cfg.DATASETS.TEST):
+    names = (*(cfg.DATASETS.TRAIN if train else ()), *cfg.DATASETS.TEST)
+    check_dataset_names(names, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def check_dataset_names(names, num_classes, num_classes_key="MODEL.ROI_HEADS.NUM_CLASSES"):
+    """check_datasets for data set `names` and a model of `num_classes` classes (config key `num_classes_key`;
+    None: any number)."""
+    for name in names:
         if name not in DatasetCatalog.list():
             raise DatasetError(
                 f"data set '{name}' is not registered (use --coco-dataset NAME JSON IMAGE_DIR or a built-in name)"
@@ -178,8 +191,7 @@ def check_datasets(cfg, train=True):
                 hint = meta.get("missing_hint", "check DETECTRON2_DATASETS or the registered path")
                 raise DatasetError(f"data set '{name}': {path} not found ({hint})")
         classes = meta.get("thing_classes")
-        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        if None not in (classes, num_classes) and len(classes) != num_classes:
             raise DatasetError(
-                f"data set '{name}' has {len(classes)} categories but MODEL.ROI_HEADS.NUM_CLASSES is "
-                f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+                f"data set '{name}' has {len(classes)} categories but {num_classes_key} is {num_classes}"
             )

@@ -2,7 +2,7 @@
 evaluation and safe, atomic checkpoints."""
 
 from .launch import WorkerDied, launch, launched_by_torchrun
-from .micro_batch import MicroBatchTrainer, micro_batch_size
+from .micro_batch import MicroBatchTrainer, micro_batch_size, split_batch
 from .trainer import WSTrainer, check_trainable
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "launch",
     "launched_by_torchrun",
     "micro_batch_size",
+    "split_batch",
 ]

@@ -14,19 +14,25 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import ConfigError
 from ..layers import moving_speed, set_moving_speed
 
-__all__ = ["MicroBatchTrainer", "micro_batch_size"]
+__all__ = ["MicroBatchTrainer", "micro_batch_size", "split_batch"]
 
 
 def micro_batch_size(cfg, world_size):
     """Images per process per forward/backward pass: IMS_PER_BATCH / (world size x ITER_SIZE), exactly."""
-    total, iter_size = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ITER_SIZE
+    return split_batch(cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ITER_SIZE, world_size)
+
+
+def split_batch(total, iter_size, world_size, keys=("SOLVER.IMS_PER_BATCH", "SOLVER.ITER_SIZE")):
+    """`total` images per step as `iter_size` passes on each of `world_size` processes: the images per pass,
+    exactly; ConfigError names the config keys (`keys`: those of the total and of iter_size) otherwise."""
+    total_key, iter_key = keys
     if iter_size < 1:
-        raise ConfigError(f"SOLVER.ITER_SIZE must be >= 1, got {iter_size}")
+        raise ConfigError(f"{iter_key} must be >= 1, got {iter_size}")
     if total < 1:
-        raise ConfigError(f"SOLVER.IMS_PER_BATCH must be >= 1, got {total}")
+        raise ConfigError(f"{total_key} must be >= 1, got {total}")
     if total % (world_size * iter_size):
         raise ConfigError(
-            f"SOLVER.IMS_PER_BATCH {total} does not divide into {world_size} process(es) x SOLVER.ITER_SIZE "
+            f"{total_key} {total} does not divide into {world_size} process(es) x {iter_key} "
             f"{iter_size} micro-batches"
         )
     return total // (world_size * iter_size)

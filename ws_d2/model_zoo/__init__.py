@@ -1,10 +1,12 @@
-"""ws_d2's model zoo, with detectron2's model-zoo API: configs from the installed package (copied at build time)
-or a checkout's `configs/`; published weights by URL (`published.py`), downloaded once and converted on load."""
+"""ws_d2's model zoo, with detectron2's model-zoo API: configs (YAML, or Python LazyConfig `.py` twins) from the
+installed package (copied at build time) or a checkout's `configs/`; published weights by URL (`published.py`),
+downloaded once and converted on load."""
 
 import os
 from pathlib import Path
 
 import torch
+from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 
 from ..checkpoint import WSCheckpointer
@@ -28,10 +30,11 @@ def get_config_file(config_path: str) -> str:
 
 
 def get_checkpoint_url(config_path: str) -> str:
-    """The URL of the published trained weights of a config (MMDetection's GN+WS detectors)."""
+    """The URL of the published trained weights of a config (MMDetection's GN+WS detectors); a `.py` config
+    has its YAML twin's."""
     get_config_file(config_path)  # a name that is no config at all gets that error first
     try:
-        return published.TRAINED[config_path]
+        return published.TRAINED[os.path.splitext(config_path)[0] + ".yaml"]
     except KeyError:
         raise ConfigError(
             f"{config_path} has no published trained weights (those are: {len(published.TRAINED)} GN+WS "
@@ -40,25 +43,38 @@ def get_checkpoint_url(config_path: str) -> str:
 
 
 def get_config(config_path: str, trained: bool = False):
-    """The config (ws_d2's keys included); `trained=True` sets MODEL.WEIGHTS to the published trained weights.
-    Otherwise MODEL.WEIGHTS is the config's own: for the GN+WS seed configs, the converted ImageNet backbone
-    under pretrained/ if it is there, else the URL of MMDetection's copy of the authors' ImageNet model."""
-    cfg = load_config(get_config_file(config_path), freeze=False)
+    """The config: a CfgNode with ws_d2's keys, or for a `.py` name the LazyConfig. `trained=True` sets the
+    weights (MODEL.WEIGHTS, train.init_checkpoint) to the published trained weights. Otherwise they are the
+    config's own: for the GN+WS seed configs, the converted ImageNet backbone under pretrained/ if it is there,
+    else the URL of MMDetection's copy of the authors' ImageNet model."""
+    path = get_config_file(config_path)
+    lazy = path.endswith(".py")
+    cfg = LazyConfig.load(path) if lazy else load_config(path, freeze=False)
+    weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
     if trained:
-        cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)
-    elif not os.path.isfile(cfg.MODEL.WEIGHTS) and cfg.MODEL.WEIGHTS in published.IMAGENET:
-        cfg.MODEL.WEIGHTS = published.IMAGENET[cfg.MODEL.WEIGHTS]
+        weights = get_checkpoint_url(config_path)
+    elif not os.path.isfile(weights) and weights in published.IMAGENET:
+        weights = published.IMAGENET[weights]
+    if lazy:
+        cfg.train.init_checkpoint = weights
+    else:
+        cfg.MODEL.WEIGHTS = weights
     return cfg
 
 
 def get(config_path: str, trained: bool = False, device=None):
     """A model built from a ws_d2 config with its weights loaded (safely; by URL, converted, if published),
-    on `device` (default: MODEL.DEVICE, or the CPU when CUDA is not available)."""
+    on `device` (default: the config's, or the CPU when CUDA is not available)."""
     cfg = get_config(config_path, trained)
+    if device is None and not torch.cuda.is_available():
+        device = "cpu"
+    if config_path.endswith(".py"):
+        require_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
+        model = instantiate(cfg.model).to(device or cfg.train.device)
+        WSCheckpointer(model).load(cfg.train.init_checkpoint)
+        return model
     if device is not None:
         cfg.MODEL.DEVICE = device
-    elif not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     require_weights_file(cfg.MODEL.WEIGHTS)
     model = build_model(cfg)
     WSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
