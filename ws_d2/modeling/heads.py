@@ -9,10 +9,10 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, Mask
 
 from .convert import convert_to_bcn, convert_to_ws
 
-__all__ = ["WSFastRCNNConvFCHead", "WSMaskRCNNConvUpsampleHead"]
+__all__ = ["WSFastRCNNConvFCHead", "WSHeadMixin", "WSMaskRCNNConvUpsampleHead"]
 
 
-class _WSConvs:
+class WSHeadMixin:
     """Put before a detectron2 head class: WS on the head's normalized convs (ws_eps=None: the plain head),
     after BCN in place of its GroupNorms (bcn: convert_to_bcn's keyword arguments; None: keep GN)."""
 
@@ -44,14 +44,14 @@ class _WSConvs:
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-class WSFastRCNNConvFCHead(_WSConvs, FastRCNNConvFCHead):
+class WSFastRCNNConvFCHead(WSHeadMixin, FastRCNNConvFCHead):
     """FastRCNNConvFCHead with WS on its convs."""
 
     _bcn_prefix = "roi_heads.box_head."
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class WSMaskRCNNConvUpsampleHead(_WSConvs, MaskRCNNConvUpsampleHead):
+class WSMaskRCNNConvUpsampleHead(WSHeadMixin, MaskRCNNConvUpsampleHead):
     """MaskRCNNConvUpsampleHead with WS on its convs."""
 
     _bcn_prefix = "roi_heads.mask_head."

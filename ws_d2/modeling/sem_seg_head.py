@@ -4,13 +4,13 @@ normalized convs (the 1x1 predictor carries no norm and stays plain)."""
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 
-from .heads import _WSConvs
+from .heads import WSHeadMixin
 
 __all__ = ["WSSemSegFPNHead"]
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class WSSemSegFPNHead(_WSConvs, SemSegFPNHead):
+class WSSemSegFPNHead(WSHeadMixin, SemSegFPNHead):
     """SemSegFPNHead with WS on its convs."""
 
     _bcn_prefix = "sem_seg_head."
