@@ -41,10 +41,11 @@ def get_ws_cfg():
     return add_ws_config(get_cfg())
 
 
-def load_config(config_file, opts=(), freeze=True):
-    """ws_d2's defaults, then `config_file`, then the `KEY VALUE` overrides in `opts`; a missing or unreadable
-    file, an unknown key or a bad value raises ConfigError in one line naming it."""
-    cfg = get_ws_cfg()
+def load_config(config_file, opts=(), freeze=True, defaults=None):
+    """ws_d2's defaults (or `defaults`, e.g. with a project's keys added), then `config_file`, then the
+    `KEY VALUE` overrides in `opts`; a missing or unreadable file, an unknown key or a bad value raises
+    ConfigError in one line naming it."""
+    cfg = get_ws_cfg() if defaults is None else defaults.clone()
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
