@@ -28,7 +28,7 @@ from ws_d2.checkpoint import WSCheckpointer  # noqa: E402
 from ws_d2.engine import WSTrainer, launch  # noqa: E402
 from ws_d2.engine.micro_batch import micro_batch_size  # noqa: E402
 from ws_d2.errors import command_line  # noqa: E402
-from ws_d2.model_zoo import published  # noqa: E402
+from ws_d2.model_zoo import imagenet_weights  # noqa: E402
 
 SYNTHETIC_PREFIX = "ws_d2_synthetic_sem_seg_"
 
@@ -74,10 +74,7 @@ class Trainer(WSTrainer):
 
 def setup(args):
     cfg = deeplab_ws.load_config(args.config_file, args.opts, freeze=False)
-    if not os.path.isfile(cfg.MODEL.WEIGHTS) and cfg.MODEL.WEIGHTS in published.IMAGENET:
-        cfg.MODEL.WEIGHTS = published.IMAGENET[
-            cfg.MODEL.WEIGHTS
-        ]  # not converted yet: the authors' file by URL
+    cfg.MODEL.WEIGHTS = imagenet_weights(cfg.MODEL.WEIGHTS)  # not converted yet: the authors' file by URL
     cfg.freeze()
     return cfg
 

@@ -16,7 +16,14 @@ from ..errors import CheckpointError, ConfigError
 from ..files import require_weights_file
 from . import published
 
-__all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file", "seed_config_file"]
+__all__ = [
+    "get",
+    "get_checkpoint_url",
+    "get_config",
+    "get_config_file",
+    "imagenet_weights",
+    "seed_config_file",
+]
 
 _CONFIG_DIRS = (Path(__file__).parent / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -53,13 +60,21 @@ def get_config(config_path: str, trained: bool = False):
     weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
     if trained:
         weights = get_checkpoint_url(config_path)
-    elif not os.path.isfile(weights) and weights in published.IMAGENET:
-        weights = published.IMAGENET[weights]
+    else:
+        weights = imagenet_weights(weights)
     if lazy:
         cfg.train.init_checkpoint = weights
     else:
         cfg.MODEL.WEIGHTS = weights
     return cfg
+
+
+def imagenet_weights(weights: str) -> str:
+    """`weights`, or for a converted ImageNet backbone under pretrained/ that is not there yet, the URL of
+    MMDetection's copy of the authors' model (loaded and converted in memory)."""
+    if not os.path.isfile(weights) and weights in published.IMAGENET:
+        return published.IMAGENET[weights]
+    return weights
 
 
 def get(config_path: str, trained: bool = False, device=None):
