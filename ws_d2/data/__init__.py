@@ -4,7 +4,14 @@ Importing this package registers the synthetic set's names (`ws_d2_synthetic_tra
 with their metadata; the files themselves are made by `generate_synthetic_dataset`.
 """
 
-from .coco import IMAGE_CHECKS, check_dataset_names, check_datasets, load_checked_coco, register_coco_dataset
+from .coco import (
+    IMAGE_CHECKS,
+    check_dataset_names,
+    check_datasets,
+    gc_paused,
+    load_checked_coco,
+    register_coco_dataset,
+)
 from .synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_SPLITS,
@@ -23,6 +30,7 @@ __all__ = [
     "check_dataset_names",
     "check_datasets",
     "default_synthetic_root",
+    "gc_paused",
     "generate_synthetic_dataset",
     "load_checked_coco",
     "register_coco_dataset",

@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import WSCheckpointer
-from ..data import check_datasets
+from ..data import check_datasets, gc_paused
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
 
@@ -85,7 +85,8 @@ class WSTrainer(DefaultTrainer):
         micro_cfg = cfg.clone()
         micro_cfg.defrost()
         micro_cfg.SOLVER.IMS_PER_BATCH = micro_batch_size(cfg, comm.get_world_size()) * comm.get_world_size()
-        loader = super().build_train_loader(micro_cfg)
+        with gc_paused():  # the data set's records: millions of objects until they are serialized
+            loader = super().build_train_loader(micro_cfg)
         check_datasets(cfg)  # a COCO set's classes are known once it is loaded
         return loader
 
