@@ -5,6 +5,7 @@ a 16-bit image, export weights that do not cover the model, the converter's GN-o
 tools/train_net.py refuses: test_train_cli.py.
 """
 
+import gc
 import json
 import os
 
@@ -169,6 +170,7 @@ def test_coco_record_refused_when_loaded(kind, tmp_path):
         DatasetCatalog.get(f"bad_coco_{kind}")
     message = str(refused.value)
     assert "\n" not in message and json_file in message and record in message and reason in message
+    assert gc.isenabled()  # the load pauses the cyclic collector: a refusal gives it back
 
 
 def test_coco_image_check_is_remembered_per_version(tmp_path):
