@@ -122,7 +122,8 @@ def main():
         torch_reqs = [pick(reqs, "torch"), pick(reqs, "torchvision")]
         d2_req = pick(reqs, "pb1-detectron2")
         rest = [r for r in reqs if r not in torch_reqs and r != d2_req]
-        pip = [python, "-m", "pip", "install", "-q"]
+        # no byte-compiling of every installed file (torch has thousands): Python compiles what it imports
+        pip = [python, "-m", "pip", "install", "-q", "--no-compile"]
 
         if python_can(python, "import torch, torchvision"):
             print("[setup] torch and torchvision already installed", flush=True)
