@@ -12,7 +12,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet, build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
@@ -34,6 +34,12 @@ def resize_for_model(image, cfg):
     """`image` (H x W x C) resized as the predictor does at test time (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)."""
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     return resize.get_transform(image).apply_image(image)
+
+
+def score_threshold(cfg):
+    """The score a detection must exceed: RetinaNet's own key, or R-CNN's."""
+    dense = issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), RetinaNet)
+    return (cfg.MODEL.RETINANET if dense else cfg.MODEL.ROI_HEADS).SCORE_THRESH_TEST
 
 
 def _test_metadata(cfg):
@@ -88,7 +94,7 @@ class DeployedPredictor:
         resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
         outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
         # a threshold above the exported one gives the eager model's result: NMS keeps the same top scores
-        keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+        keep = outputs["scores"] > score_threshold(self.cfg)
         outputs = {name: value[keep] for name, value in outputs.items()}
         boxes, scores, classes = Boxes(outputs["boxes"]), outputs["scores"], outputs["classes"]
         instances = Instances(resized.shape[:2], pred_boxes=boxes, scores=scores, pred_classes=classes)
