@@ -143,6 +143,14 @@ def test_detectron2_export_imports_without_caffe2():  # import_export_without_ca
     )
 
 
+def test_cascade_scales_gradients_in_training():  # skip_scale_gradient_when_tracing: only while tracing
+    from detectron2.modeling.roi_heads import cascade_rcnn
+
+    x = torch.ones(2, requires_grad=True)
+    cascade_rcnn._ScaleGradient.apply(x, 0.5).sum().backward()
+    assert x.grad.tolist() == [0.5, 0.5]  # its tracing: tests/test_deploy.py exports Cascade Mask R-CNN
+
+
 def test_dense_detector_candidate_cap_survives_tracing():  # clamp_candidates_when_tracing
     from detectron2.modeling.box_regression import Box2BoxTransform
     from detectron2.modeling.meta_arch.dense_detector import DenseDetector
