@@ -198,11 +198,10 @@ def import_export_without_caffe2():
 
 
 def skip_scale_gradient_when_tracing():
-    # v0.6's CascadeROIHeads applies _ScaleGradient (a Python autograd Function, an identity forward) at inference
-    # too, which a traced graph cannot hold (export). Retired by detectron2 main's cascade_rcnn.py, which applies it
-    # only `if self.training`.
-    trained_only = "if self.training:\n            box_features = _ScaleGradient"
-    if trained_only in _source("modeling/roi_heads/cascade_rcnn.py"):
+    # v0.6's CascadeROIHeads applies _ScaleGradient, a Python autograd Function that a saved trace cannot hold,
+    # at inference too. Retired by detectron2 main's cascade_rcnn.py, which applies it only `if self.training`.
+    source = _source("modeling/roi_heads/cascade_rcnn.py")
+    if "if self.training:\n            box_features = _ScaleGradient" in source:
         return False
     import torch
     from detectron2.modeling.roi_heads import cascade_rcnn
@@ -215,9 +214,8 @@ def skip_scale_gradient_when_tracing():
 
 
 def clamp_candidates_when_tracing():
-    # v0.6's DenseDetector (RetinaNet) caps each level's candidates at min(1000, their count), which a trace
-    # freezes: where the traced image had fewer, the graph has no cap. A min that stays in the graph (torch.clamp)
-    # while tracing. Retired by detectron2 PR #4835 ("fix tracing issue of DenseDetector").
+    # v0.6's DenseDetector (RetinaNet) caps each level's candidates with min(1000, count), which a trace freezes:
+    # where the traced image had fewer, the graph has no cap. Retired by detectron2 PR #4835 (torch.clamp).
     if "min(topk_candidates, topk_idxs.size(0))" not in _source("modeling/meta_arch/dense_detector.py"):
         return False
     import torch
