@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from ws_d2 import compat
+from ws_d2.predictor import tracing_quietly
 
 LEAK_CHECK = r"""
 import sys, warnings
@@ -139,3 +141,27 @@ def test_detectron2_export_imports_without_caffe2():  # import_export_without_ca
     assert hasattr(detectron2.export, "add_export_config") != (
         "import_export_without_caffe2" in compat.APPLIED
     )
+
+
+def test_cascade_scales_gradients_in_training():  # skip_scale_gradient_when_tracing: only while tracing
+    from detectron2.modeling.roi_heads import cascade_rcnn
+
+    x = torch.ones(2, requires_grad=True)
+    cascade_rcnn._ScaleGradient.apply(x, 0.5).sum().backward()
+    assert x.grad.tolist() == [0.5, 0.5]  # its tracing: tests/test_deploy.py exports Cascade Mask R-CNN
+
+
+def test_dense_detector_candidate_cap_survives_tracing():  # clamp_candidates_when_tracing
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+    from detectron2.structures import Boxes
+
+    detector = types.SimpleNamespace(box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)))
+
+    def decode(scores, boxes):  # every score above the threshold 0; at most 5 candidates kept
+        level = DenseDetector._decode_per_level_predictions
+        return level(detector, Boxes(boxes), scores, boxes, 0.0, 5, (8, 8)).scores
+
+    with tracing_quietly():
+        traced = torch.jit.trace(decode, (torch.rand(3, 1), torch.zeros(3, 4)))  # 3 candidates: fewer than 5
+    assert len(traced(torch.rand(8, 1), torch.zeros(8, 4))) == 5  # not 8: the cap is in the graph

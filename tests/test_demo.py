@@ -123,6 +123,42 @@ def test_visualization_demo_draws_image_and_frames(tiny_cfg, model_opts):
     assert np.abs(drawn_frames[0][1].astype(int) - image_bgr).mean() > 1  # BGR, as the frames
 
 
+PANOPTIC = "COCO-PanopticSegmentation/panoptic_fpn_R_50_gn_ws_3x.yaml"  # COCO's panoptic metadata names
+# random weights, every instance and every stuff region kept, so that there are segments of both kinds
+EVERY_SEGMENT = [
+    "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", "0.0", "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", "0",
+]  # fmt: skip
+
+
+def drawn_image_and_frame(cfg):
+    """(predictions, per-pixel change of the drawn image, of the drawn frame) of a random-weight model."""
+    torch.manual_seed(0)
+    visualization = VisualizationDemo(WSPredictor(cfg))
+    image_bgr = synthetic_image()[:, :, ::-1]
+    predictions, drawn_rgb = visualization.run_on_image(image_bgr)
+    [(_, drawn_bgr)] = visualization.run_on_video([image_bgr])
+    return predictions, [np.abs(drawn.astype(int) - image).sum(axis=2) for drawn, image in
+                         ((drawn_rgb, image_bgr[:, :, ::-1]), (drawn_bgr, image_bgr))]  # fmt: skip
+
+
+def test_visualization_demo_draws_panoptic_segments(tiny_family_cfg):
+    predictions, changes = drawn_image_and_frame(tiny_family_cfg(PANOPTIC, *EVERY_SEGMENT))
+    segments, segments_info = predictions["panoptic_seg"]
+    for isthing in (True, False):
+        covered = np.isin(segments.numpy(), [s["id"] for s in segments_info if s["isthing"] == isthing])
+        assert covered.any()
+        for change in changes:  # a segment is filled with its color (drawing the instances alone: 53-61%)
+            assert (change[covered] > 20).mean() > 0.9, (isthing, (change[covered] > 20).mean())
+
+
+def test_visualization_demo_draws_semantic_map(tiny_family_cfg):
+    cfg = tiny_family_cfg(PANOPTIC, "MODEL.META_ARCHITECTURE", "SemanticSegmentor")
+    predictions, changes = drawn_image_and_frame(cfg)
+    assert set(predictions) == {"sem_seg"}
+    for change in changes:  # every pixel has a class, drawn in its color
+        assert (change > 20).mean() > 0.9, (change > 20).mean()
+
+
 @pytest.mark.slow
 def test_demo_cli_images_and_bad_inputs(tiny_config, model_opts, tmp_path, repo_root):
     """The real command line: bad inputs are named in one line each, the rest is processed, exit 1."""

@@ -124,9 +124,7 @@ def write_image(drawn_bgr, target, source, written):
     # imencode raises for an extension it has no writer for, rather than return False
     encoded = cv2.haveImageWriter(target) and cv2.imencode(extension, drawn_bgr)
     if not (encoded and encoded[0]):
-        raise UnreadableImageError(
-            f"{target}: cannot write the drawing of {source} (unsupported image extension?)"
-        )
+        raise UnreadableImageError(f"{target}: cannot write the drawing of {source} (unsupported extension?)")
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     with atomic_write(target) as f:
         f.write(encoded[1].tobytes())
@@ -140,7 +138,8 @@ def run_on_images(demo, paths, output, into_folder):
     for path in paths:
         try:
             predictions, drawn_rgb = demo.run_on_image(read_image_bgr(path))
-            logger.info("%s: %d instances", path, len(predictions["instances"]))
+            found = predictions.get("instances")
+            logger.info("%s: %s", path, "a semantic map" if found is None else f"{len(found)} instances")
             if not output and not show(drawn_rgb[:, :, ::-1], 0):
                 break
             if output:
@@ -238,9 +237,7 @@ def main(argv=None):
             logger.warning("skipped %s", problem)
     else:
         refuse_output_onto_inputs(output, [args.video_input, args.config_file])
-    capture = (
-        None if args.input else open_capture(args.video_input)
-    )  # before the model: no camera is found at once
+    capture = None if args.input else open_capture(args.video_input)  # before the model: fail at once
     try:  # the exported ONNX model (the same detections) or the PyTorch model
         predictor = DeployedPredictor(cfg, args.onnx) if args.onnx else WSPredictor(cfg, fold=args.fold_ws)
         demo = VisualizationDemo(predictor)

@@ -197,6 +197,37 @@ def import_export_without_caffe2():
     return True
 
 
+def skip_scale_gradient_when_tracing():
+    # v0.6's CascadeROIHeads applies _ScaleGradient, a Python autograd Function that a saved trace cannot hold,
+    # at inference too. Retired by detectron2 main's cascade_rcnn.py, which applies it only `if self.training`.
+    source = _source("modeling/roi_heads/cascade_rcnn.py")
+    if "if self.training:\n            box_features = _ScaleGradient" in source:
+        return False
+    import torch
+    from detectron2.modeling.roi_heads import cascade_rcnn
+
+    scale = cascade_rcnn._ScaleGradient.apply
+    cascade_rcnn._ScaleGradient = types.SimpleNamespace(
+        apply=lambda x, factor: x if torch.jit.is_tracing() else scale(x, factor)
+    )
+    return True
+
+
+def clamp_candidates_when_tracing():
+    # v0.6's DenseDetector (RetinaNet) caps each level's candidates with min(1000, count), which a trace freezes:
+    # where the traced image had fewer, the graph has no cap. Retired by detectron2 PR #4835 (torch.clamp).
+    if "min(topk_candidates, topk_idxs.size(0))" not in _source("modeling/meta_arch/dense_detector.py"):
+        return False
+    import torch
+    from detectron2.modeling.meta_arch import dense_detector
+
+    def min_in_graph(cap, count):  # `count` is a tensor while tracing, an int otherwise
+        return torch.clamp(count, max=cap) if isinstance(count, torch.Tensor) else min(cap, count)
+
+    dense_detector.min = min_in_graph  # the module's only call of min()
+    return True
+
+
 # in this order: detectron2.layers needs detectron2._C, and detectron2.data Image.LINEAR
 PATCHES = [
     stand_in_for_compiled_ops,
@@ -206,6 +237,8 @@ PATCHES = [
     import_model_zoo_with_pkg_resources,
     use_faster_coco_eval,
     import_export_without_caffe2,
+    skip_scale_gradient_when_tracing,
+    clamp_candidates_when_tracing,
 ]
 
 

@@ -18,12 +18,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.export import TracingAdapter
 from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, GeneralizedRCNN, PanopticFPN
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, refuse_output_onto_inputs
-from .predictor import DEPLOYED_INPUT, DEPLOYED_OUTPUTS, WSPredictor, resize_for_model, tracing_quietly
+from .predictor import DEPLOYED_INPUT, DEPLOYED_OUTPUTS, WSPredictor, score_threshold, tracing_quietly
 
 __all__ = ["EXPORT_FORMATS", "export_deployable", "export_stock_model", "stock_config"]
 
@@ -109,12 +110,15 @@ def _known_keys_only(cfg, reference):
 
 
 def deployable_inference(model, image):
-    """What the exported graph computes, as a tuple of tensors: the postprocessing (mask pasting) is not
-    traceable, so the graph stops before it, as detectron2's own export does."""
+    """What the exported graph computes, as a tuple of tensors: R-CNN's stops before its postprocessing (mask
+    pasting is not traceable), as detectron2's own export does; RetinaNet's, at the input's own size, only clips."""
     chw = image.permute(2, 0, 1).float()
     if model.input_format == "RGB":
         chw = chw.flip(0)
-    instances = model.inference([{"image": chw}], do_postprocess=False)[0]
+    if isinstance(model, RetinaNet):
+        instances = model([{"image": chw}])[0]["instances"]
+    else:
+        instances = model.inference([{"image": chw}], do_postprocess=False)[0]
     outputs = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
     if instances.has("pred_masks"):
         outputs += (instances.pred_masks[:, 0],)  # N x 1 x M x M -> N x M x M
@@ -140,19 +144,22 @@ def export_deployable(cfg, output_dir, fmt, image=None):
         raise ConfigError(f"export format {fmt!r}: not one of {', '.join(DEPLOY_FILES)}")
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
-    model = WSPredictor(cfg, fold=True, covering=True).model  # an export must not carry initial values
+    predictor = WSPredictor(cfg, fold=True, covering=True)  # an export must not carry initial values
+    model = predictor.model
     # PanopticFPN is a GeneralizedRCNN whose semantic and panoptic outputs the graph does not carry
-    if not isinstance(model, GeneralizedRCNN) or isinstance(model, PanopticFPN):
+    if not isinstance(model, (GeneralizedRCNN, RetinaNet)) or isinstance(model, PanopticFPN):
         raise ConfigError(
-            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only GeneralizedRCNN (Faster/Mask R-CNN) "
-            "models are exported to TorchScript/ONNX"
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE}: only detectors (Faster, Mask and Cascade "
+            "R-CNN, RetinaNet) are exported to TorchScript/ONNX, not semantic or panoptic outputs"
         )
     if cfg.MODEL.KEYPOINT_ON:
         raise ConfigError("MODEL.KEYPOINT_ON: keypoint outputs are not part of the exported graph")
-    resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
+    image = sample_image(cfg) if image is None else image
+    resized = predictor.aug.get_transform(image).apply_image(image)  # as the predictor resizes
     adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),
                              deployable_inference)  # fmt: skip
-    output_names = list(DEPLOYED_OUTPUTS[: 4 if cfg.MODEL.MASK_ON else 3])
+    masks = cfg.MODEL.MASK_ON and not isinstance(model, RetinaNet)  # RetinaNet ignores MASK_ON
+    output_names = list(DEPLOYED_OUTPUTS[: 4 if masks else 3])
     info = json.dumps(deployment_info(cfg, output_names))
     os.makedirs(output_dir, exist_ok=True)
     with tracing_quietly():
@@ -175,7 +182,7 @@ def deployment_info(cfg, output_names):
         "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         "outputs": output_names,
-        "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        "score_threshold": score_threshold(cfg),
         "mask_threshold": 0.5,
         "thing_classes": list(classes) if classes else None,
     }

@@ -12,7 +12,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet, build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
@@ -34,6 +34,12 @@ def resize_for_model(image, cfg):
     """`image` (H x W x C) resized as the predictor does at test time (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)."""
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     return resize.get_transform(image).apply_image(image)
+
+
+def score_threshold(cfg):
+    """The score a detection must exceed: RetinaNet's own key, or R-CNN's."""
+    dense = issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), RetinaNet)
+    return (cfg.MODEL.RETINANET if dense else cfg.MODEL.ROI_HEADS).SCORE_THRESH_TEST
 
 
 def _test_metadata(cfg):
@@ -88,7 +94,7 @@ class DeployedPredictor:
         resized = np.array(resize_for_model(image_bgr, self.cfg))  # a writable copy
         outputs = {name: torch.as_tensor(value) for name, value in self._run(resized).items()}
         # a threshold above the exported one gives the eager model's result: NMS keeps the same top scores
-        keep = outputs["scores"] > self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST
+        keep = outputs["scores"] > score_threshold(self.cfg)
         outputs = {name: value[keep] for name, value in outputs.items()}
         boxes, scores, classes = Boxes(outputs["boxes"]), outputs["scores"], outputs["classes"]
         instances = Instances(resized.shape[:2], pred_boxes=boxes, scores=scores, pred_classes=classes)
@@ -143,7 +149,8 @@ def tracing_quietly():
 
 
 class VisualizationDemo:
-    """A predictor's instances drawn by detectron2's Visualizer, or its VideoVisualizer for frames."""
+    """A predictor's output drawn by detectron2's Visualizer, or its VideoVisualizer for frames, as detectron2's
+    demo draws it: panoptic segments, else instances (boxes, masks), else the semantic map (its argmax)."""
 
     def __init__(self, predictor, instance_mode=ColorMode.IMAGE):
         self.predictor = predictor
@@ -151,17 +158,17 @@ class VisualizationDemo:
         self.instance_mode = instance_mode
 
     def run_on_image(self, image_bgr):
-        """(predictions, an RGB uint8 image of the same size with the predicted instances drawn)."""
+        """(predictions, an RGB uint8 image of the same size with the predictions drawn)."""
         predictions = self.predictor(image_bgr)
         visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
-        return predictions, visualizer.draw_instance_predictions(_instances(predictions)).get_image()
+        return predictions, _draw(predictions, visualizer).get_image()
 
     def run_on_video(self, frames):
         """(predictions, the frame drawn, BGR) for each BGR frame of a capture (`read()`) or an iterable."""
         visualizer = VideoVisualizer(self.metadata, self.instance_mode)
         for frame in _read_all(frames) if hasattr(frames, "read") else frames:
             predictions = self.predictor(frame)
-            drawn = visualizer.draw_instance_predictions(frame[:, :, ::-1], _instances(predictions))
+            drawn = _draw(predictions, visualizer, frame[:, :, ::-1])
             yield predictions, drawn.get_image()[:, :, ::-1]
 
 
@@ -173,7 +180,14 @@ def _read_all(capture):
         yield frame
 
 
-def _instances(predictions):
-    if "instances" not in predictions:
-        raise ConfigError(f"the model outputs no 'instances' to draw (its outputs: {sorted(predictions)})")
-    return predictions["instances"].to("cpu")
+def _draw(predictions, visualizer, *frame):
+    # Visualizer draws on the image it holds, VideoVisualizer on the `frame` passed (same names but panoptic's)
+    if "panoptic_seg" in predictions:
+        segments, segments_info = predictions["panoptic_seg"]
+        draw = getattr(visualizer, "draw_panoptic_seg", None) or visualizer.draw_panoptic_seg_predictions
+        return draw(*frame, segments.to("cpu"), segments_info)
+    if "instances" in predictions:
+        return visualizer.draw_instance_predictions(*frame, predictions["instances"].to("cpu"))
+    if "sem_seg" in predictions:
+        return visualizer.draw_sem_seg(*frame, predictions["sem_seg"].argmax(dim=0).to("cpu"))
+    raise ConfigError(f"the model outputs nothing to draw (its outputs: {sorted(predictions)})")
