@@ -14,8 +14,6 @@ from .convert import convert_state_dict
 from .layouts import detect_layout, unwrap_state_dict
 from .safe_load import load_checkpoint_file
 
-__all__ = ["WSCheckpointer"]
-
 
 class _AtomicWritesPathManager:
     """A path manager whose writes of local files go through ``atomic_write``: fvcore's ``save`` and

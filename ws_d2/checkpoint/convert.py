@@ -28,8 +28,6 @@ from .layouts import (
     unwrap_state_dict,
 )
 
-__all__ = ["ConversionReport", "convert_state_dict", "meta_model", "save_converted"]
-
 GN_WS_SOURCES = ("authors", "mmdet")
 
 

@@ -7,7 +7,6 @@ with their metadata; the files themselves are made by `generate_synthetic_datase
 from .coco import IMAGE_CHECKS, check_dataset_names, check_datasets, load_checked_coco, register_coco_dataset
 from .synthetic import (
     SYNTHETIC_CLASSES,
-    SYNTHETIC_SPLITS,
     default_synthetic_root,
     generate_synthetic_dataset,
     register_synthetic_dataset,
@@ -18,7 +17,6 @@ register_synthetic_dataset()
 
 __all__ = [
     "SYNTHETIC_CLASSES",
-    "SYNTHETIC_SPLITS",
     "IMAGE_CHECKS",
     "check_dataset_names",
     "check_datasets",

@@ -22,14 +22,6 @@ from PIL import Image
 from ..errors import ConfigError, DatasetError, one_line
 from ..files import atomic_write
 
-__all__ = [
-    "IMAGE_CHECKS",
-    "check_dataset_names",
-    "check_datasets",
-    "load_checked_coco",
-    "register_coco_dataset",
-]
-
 IMAGE_CHECKS = ("once", "always", "never")  # once: per data set version; never: trust the files
 EXIF_ORIENTATION = 0x0112
 logger = logging.getLogger(__name__)

@@ -22,8 +22,6 @@ from .. import compat
 # detectron2 main's own; v0.6 lacks it
 create_local_process_group = getattr(comm, "create_local_process_group", compat.create_local_process_group)
 
-__all__ = ["WorkerDied", "launch", "launched_by_torchrun"]
-
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

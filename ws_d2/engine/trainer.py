@@ -21,8 +21,6 @@ from ..data import check_datasets
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
 
-__all__ = ["WSTrainer", "check_trainable"]
-
 
 def check_trainable(cfg, world_size):
     """Refuse, in one line and before anything is built, a config that cannot train on `world_size`

@@ -14,8 +14,6 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["BatchChannelNorm", "EstBN", "moving_speed", "set_moving_speed"]
-
 
 def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
