@@ -1,9 +1,7 @@
-"""Rename-rule tables from published GN+WS and BCN+WS checkpoint layouts to detectron2 (ws_d2) parameter names.
+"""Rename-rule tables from published GN+WS and BCN+WS checkpoint layouts (docs/CONVERSION.md) to ws_d2 names.
 
-Each table is a list of ``(source regex, target template or None, why)``. A template is filled from the
-regex's named groups plus the derived indices below; ``None`` drops the key, and ``why`` says why in the
-report. The layouts are described in docs/CONVERSION.md. Source keys no rule matches are reported, never
-silently lost.
+Each table is a list of ``(source regex, target template or None, why)``: a template is filled from the regex's
+named groups and the derived indices below, ``None`` drops the key for ``why``; unmatched keys are reported.
 """
 
 import re

@@ -1,8 +1,6 @@
-"""WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo data parallelism, AMP checks,
-COCO evaluation, BCN's moving-speed schedule and ws_d2's safe, atomic checkpointer.
-
-Only the constructor is ws_d2's own: DefaultTrainer's hard-codes SimpleTrainer/AMPTrainer and
-DetectionCheckpointer. Hooks, resume, the training loop, testing and the build_* functions are DefaultTrainer's.
+"""WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo DDP, AMP checks, COCO evaluation, BCN's
+moving-speed schedule and ws_d2's checkpointer. Only the constructor is its own: DefaultTrainer's hard-codes
+SimpleTrainer/AMPTrainer and DetectionCheckpointer.
 """
 
 import json
