@@ -231,7 +231,8 @@ def parse_args(argv=None):
     parser.add_argument("--twin-opts", nargs="+", default=GN_TWIN_OPTS, metavar="KEY VALUE", help=twin_help)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    if min(args.rounds, *args.sizes, *args.batches, args.threads or 1) < 1 or args.warmup < 0:
+    threads = 1 if args.threads is None else args.threads
+    if min(args.rounds, *args.sizes, *args.batches, threads) < 1 or args.warmup < 0:
         parser.error("--rounds, --sizes, --batches and --threads must be >= 1, --warmup >= 0")
     if args.quick:
         args.sizes, args.batches, args.rounds = [320], [1], 3
