@@ -21,7 +21,7 @@ from torch import nn
 from ws_d2 import get_ws_cfg, load_config
 from ws_d2.checkpoint import WSCheckpointer, convert_state_dict, load_checkpoint_file, meta_model
 from ws_d2.errors import CheckpointError, UnsafeCheckpointError
-from ws_d2.model_zoo import get_config_file, seed_config_file
+from ws_d2.model_zoo import get_config_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FASTER_R50 = str(CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_gn_ws_1x.yaml")
@@ -128,7 +128,7 @@ def test_mmdet_rehosted_backbone_with_gn_names(tmp_path, authors_r50, convert_ch
     )
 
 
-def test_wrong_architecture_is_refused(authors_r50):
+def test_wrong_architecture_is_refused(authors_r50, load_tool):
     with pytest.raises(CheckpointError, match=r"no source: backbone\.bottom_up\.res4\.6\.") as info:
         _convert(authors_r50, str(CONFIGS / "COCO-Detection/faster_rcnn_R_101_FPN_gn_ws_1x.yaml"), "authors")
     assert "\n" not in str(info.value)
@@ -141,7 +141,7 @@ def test_wrong_architecture_is_refused(authors_r50):
         )
     truncated = {k: v for k, v in authors_r50.items() if not k.startswith("module.layer4.2.")}  # depth 49?
     with pytest.raises(CheckpointError, match="match no ResNet depth"):
-        seed_config_file(truncated, "authors")
+        load_tool("convert_pretrained").seed_config_file(truncated, "authors")
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +187,10 @@ def test_mmdet_detector_becomes_full_model(tmp_path, repo_root, mmdet_mask_r50, 
         np.testing.assert_array_equal(value.numpy(), loaded[name], err_msg=name)
 
 
-def test_mmdet_faster_rcnn_and_refusals(mmdet_mask_r50):
+def test_mmdet_faster_rcnn_and_refusals(mmdet_mask_r50, load_tool):
     faster = {k: v for k, v in mmdet_mask_r50["state_dict"].items() if ".mask_head." not in k}
     checkpoint = {"meta": {}, "state_dict": faster}
-    assert seed_config_file(checkpoint, "mmdet") == SEED_FASTER_R50
+    assert load_tool("convert_pretrained").seed_config_file(checkpoint, "mmdet") == SEED_FASTER_R50
     converted, report = _convert(checkpoint, SEED_FASTER_R50, "mmdet")
     assert len(converted) == len(faster)
     # a Faster R-CNN file for a Mask R-CNN config: the mask head has no source

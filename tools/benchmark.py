@@ -9,9 +9,9 @@ and the measured figures: docs/BENCHMARK.md. Exit status 0 done, 1 failed to run
 """
 
 import argparse
-import contextlib
 import copy
 import ctypes
+import functools
 import gc
 import itertools
 import json
@@ -38,7 +38,6 @@ from ws_d2.modeling import count_ws_convs, fold_ws
 DEFAULT_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"
 GN_TWIN_OPTS = ["MODEL.WS.ENABLED", "False"]
 LIBC = ctypes.CDLL(None)  # the C library this process runs with (glibc: mallopt, malloc_trim)
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def benchmark_config(args, twin=False):
@@ -66,9 +65,9 @@ def build_twin_models(cfg, twin_cfg):
 
 def make_step(cfg, model, mode, inputs, amp=None):
     """One training step (forward, backward, detectron2's optimizer) or one inference call of `model`, under
-    autocast to `amp` (float16 or bfloat16; float16 training scales the loss, as detectron2's AMPTrainer)."""
+    autocast to `amp` (float16 training scales the loss, as detectron2's AMPTrainer)."""
     device = torch.device(cfg.MODEL.DEVICE).type
-    autocast = lambda: torch.autocast(device, getattr(torch, amp)) if amp else contextlib.nullcontext()  # noqa: E731
+    autocast = functools.partial(torch.autocast, device, getattr(torch, amp) if amp else None, bool(amp))
     if mode == "inference":
         model.eval()
 
@@ -79,18 +78,15 @@ def make_step(cfg, model, mode, inputs, amp=None):
         return inference_step
     model.train()
     optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device) if amp == "float16" else None
+    scaler = torch.amp.GradScaler(device, enabled=amp == "float16")
 
     def train_step():
         with EventStorage(0), autocast():  # the losses log to an EventStorage
             loss = sum(model(inputs).values())
         optimizer.zero_grad()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return train_step
 
@@ -116,16 +112,15 @@ def time_alternating(steps, rounds, warmup, device):
 
 
 def release_freed_memory():
-    """Collect garbage and hand glibc's free heap back; fix its mmap threshold, as its adaptive one keeps freed
-    tensors resident: RSS then follows the live tensors."""
+    """Collect garbage and hand glibc's free heap back, with a fixed mmap threshold: RSS follows live tensors."""
     gc.collect()
     if hasattr(LIBC, "mallopt"):  # glibc
-        LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        LIBC.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         LIBC.malloc_trim(0)
 
 
 def proc_status_kib(name):
-    """A size field of /proc/self/status (VmRSS, VmHWM) in KiB: Linux only, as is /proc/self/clear_refs."""
+    """A size field of /proc/self/status (VmRSS, VmHWM) in KiB (Linux, as is /proc/self/clear_refs)."""
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(name + ":"))
 
@@ -152,27 +147,14 @@ def peak_memory_mib(build_step, device):
     return (peak - before) / 2**20
 
 
-def make_row(metric, size, batch, unit, samples, name="ws"):
-    """The medians of `samples[name]` and `samples["gn"]` (the twin) and their ratio."""
-    model, twin = statistics.median(samples[name]), statistics.median(samples["gn"])
-    return {
-        "metric": metric,
-        "size": size,
-        "batch": batch,
-        "unit": unit,
-        name: model,
-        "gn": twin,
-        "ratio": model / twin,
-        f"{name}_samples": list(samples[name]),
-        "gn_samples": list(samples["gn"]),
-    }
-
-
 def rows_of(metric, size, batch, unit, samples):
-    """The model against the twin, and the folded model against the twin when it was measured."""
-    rows = [make_row(metric, size, batch, unit, samples)]
-    if "folded" in samples:
-        rows.append(make_row(f"folded_{metric}", size, batch, unit, samples, "folded"))
+    """The model ("ws"), and the folded model where measured, against the twin ("gn"): medians and ratio."""
+    twin, rows = statistics.median(samples["gn"]), []
+    for name in [name for name in ("ws", "folded") if name in samples]:
+        value = statistics.median(samples[name])
+        row = {"metric": metric if name == "ws" else f"folded_{metric}", "size": size, "batch": batch}
+        row.update({"unit": unit, name: value, "gn": twin, "ratio": value / twin})
+        rows.append({**row, f"{name}_samples": list(samples[name]), "gn_samples": list(samples["gn"])})
     return rows
 
 
@@ -180,31 +162,39 @@ def setting_rows(args, cfg, models, size, batch, mode, memory=False):
     """Rows of one setting: the models' times, alternating; or (`memory`) one peak-memory sample of a fresh
     copy of each model, so that its weights and optimizer state count too."""
     inputs = synthetic_batch(cfg, size, batch, seed=0, training=mode == "train")
-    names, samples = ["ws", "gn"] if mode == "train" else ["ws", "gn", "folded"], {}
+    names = ["ws", "gn"] if mode == "train" else ["ws", "gn", "folded"]
+
+    def step(name, fresh=False):
+        return make_step(cfg, copy.deepcopy(models[name]) if fresh else models[name], mode, inputs, args.amp)
+
     with torch.set_grad_enabled(mode == "train"):
-        if not memory:
-            steps = {name: make_step(cfg, models[name], mode, inputs, args.amp) for name in names}
-            samples = time_alternating(steps, args.rounds, args.warmup, args.device)
-            return rows_of(f"{mode}_time", size, batch, "s", samples)
-        for name in names:
-
-            def fresh_step(model=models[name]):  # a fresh copy: its weights and optimizer state count too
-                return make_step(cfg, copy.deepcopy(model), mode, inputs, args.amp)
-
-            samples[name] = [peak_memory_mib(fresh_step, args.device)]
-    return rows_of(f"{mode}_peak_memory", size, batch, "MiB", samples)
+        if memory:
+            samples = {n: [peak_memory_mib(lambda n=n: step(n, fresh=True), args.device)] for n in names}
+        else:
+            samples = time_alternating({n: step(n) for n in names}, args.rounds, args.warmup, args.device)
+    metric, unit = (f"{mode}_peak_memory", "MiB") if memory else (f"{mode}_time", "s")
+    return rows_of(metric, size, batch, unit, samples)
 
 
-def run_benchmark(args, log=print):
+def format_row(row, labels=("GN+WS", "GN")):
+    name = "folded" if "folded" in row else "ws"
+    value = ("{:.3f} s" if row["unit"] == "s" else "{:.0f} MiB").format
+    model = labels[0] + (" folded" if name == "folded" else "")
+    return (
+        f"{row['metric']:<28} {row['size']:>4}px x{row['batch']}  {model} {value(row[name]):>10}  "
+        f"{labels[1]} {value(row['gn']):>10}  ratio {row['ratio']:.3f}x"
+    )
+
+
+def run_benchmark(args):
     """Time and (unless args.no_memory) peak-memory rows of every size, batch and mode."""
-    release_freed_memory()  # from the start: memory samples taken after a dynamic-threshold heap were not stable
+    release_freed_memory()  # from the start: samples taken after a dynamic-threshold heap were not stable
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = benchmark_config(args)
     model, twin = build_twin_models(cfg, benchmark_config(args, twin=True))
-    ws_convs = count_ws_convs(model)
-    if ws_convs == 0:
+    if not (ws_convs := count_ws_convs(model)):
         raise ConfigError(f"{args.config_file} builds no WS conv: not a GN+WS config")
     models = {"ws": model, "gn": twin, "folded": fold_ws(copy.deepcopy(model))}
     initial = copy.deepcopy(model.state_dict())
@@ -215,28 +205,11 @@ def run_benchmark(args, log=print):
         load_shared_weights(twin, initial)
         for memory in [False] if args.no_memory else [False, True]:
             for row in setting_rows(args, cfg, models, size, batch, mode, memory):
-                log(format_row(row, labels))
+                print(format_row(row, labels), flush=True)
                 rows.append(row)
-    return {
-        "config_file": args.config_file,
-        "labels": list(labels),
-        "settings": vars(args),
-        "device": args.device,
-        "amp": args.amp,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "ws_convs": ws_convs,
-        "rows": rows,
-    }
-
-
-def format_row(row, labels=("GN+WS", "GN")):
-    name = "folded" if "folded" in row else "ws"
-    model = f"{labels[0]} folded" if name == "folded" else labels[0]
-    value = "{:.3f} s" if row["unit"] == "s" else "{:.0f} MiB"
-    where = f"{row['metric']:<28} {row['size']:>4}px x{row['batch']}"
-    model_value, twin_value = value.format(row[name]), value.format(row["gn"])
-    return f"{where}  {model} {model_value:>10}  {labels[1]} {twin_value:>10}  ratio {row['ratio']:.3f}x"
+    environment = {"device": args.device, "amp": args.amp, "torch": torch.__version__}
+    return {"config_file": args.config_file, "labels": list(labels), "settings": vars(args), **environment,
+            "threads": torch.get_num_threads(), "ws_convs": ws_convs, "rows": rows}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -252,9 +225,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--quick", action="store_true", help="320 px, batch 1, 3 rounds")
-    parser.add_argument(
-        "--amp", choices=["float16", "bfloat16"], help="both models under autocast to this type"
-    )
+    parser.add_argument("--amp", choices=["float16", "bfloat16"], help="both models under autocast to this")
     parser.add_argument("--output", help="write the results as JSON here")
     twin_help = "overrides that make the twin (default: MODEL.WS.ENABLED False, the GN twin)"
     parser.add_argument("--twin-opts", nargs="+", default=GN_TWIN_OPTS, metavar="KEY VALUE", help=twin_help)
@@ -273,7 +244,7 @@ def parse_args(argv=None):
 @command_line("benchmark")  # a WSD2Error or OSError: one line on stderr, exit status 1
 def main(argv=None):
     args = parse_args(argv)
-    result = run_benchmark(args, log=lambda line: print(line, flush=True))
+    result = run_benchmark(args)
     if args.output:
         with atomic_write(args.output, "w") as f:
             json.dump(result, f, indent=2)

@@ -15,16 +15,25 @@ Exit status: 0 converted, 1 refused (the message names the keys), 2 usage error.
 
 import argparse
 import os
+import re
 import sys
 
 import ws_d2
 
 # isort: split
 from ws_d2.checkpoint import SOURCES, convert_state_dict, load_checkpoint_file, meta_model, save_converted
-from ws_d2.checkpoint.layouts import detect_layout, unwrap_state_dict
-from ws_d2.errors import CheckpointError, command_line
+from ws_d2.checkpoint.layouts import common_prefix, detect_layout, unwrap_state_dict
+from ws_d2.errors import CheckpointError, ConfigError, command_line
 from ws_d2.files import refuse_output_onto_inputs
-from ws_d2.model_zoo import seed_config_file
+from ws_d2.model_zoo import get_config_file
+
+DEPTH_OF_BLOCKS = {
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+}
 
 
 def get_parser():
@@ -36,6 +45,51 @@ def get_parser():
     parser.add_argument("--source", default="auto", choices=("auto", *SOURCES), help="layout of SRC")
     parser.add_argument("--config-file", metavar="FILE", help="ws_d2 config whose model the result must fit")
     return parser
+
+
+def infer_resnet_architecture(state_dict, prefix=""):
+    """The architecture of a torchvision-style ResNet/ResNeXt state_dict, e.g. 'R_50' or 'X_101_32x4d': depth
+    from the blocks of layer1-4, groups and width per group from layer1.0.conv2's shape."""
+    blocks = [
+        {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}layer{i}\.(\d+)\.", k))}
+        for i in (1, 2, 3, 4)
+    ]
+    counts = tuple(max(b) + 1 if b else 0 for b in blocks)
+    kind = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in state_dict else "basic"
+    depth = DEPTH_OF_BLOCKS.get((kind, counts))
+    if depth is None:
+        raise ValueError(f"blocks per stage {counts} ({kind}) match no ResNet depth")
+    out_channels, per_group = state_dict[f"{prefix}layer1.0.conv2.weight"].shape[:2]
+    if kind == "basic" or out_channels == per_group:
+        return f"R_{depth}"
+    return f"X_{depth}_{out_channels // per_group}x{per_group}d"
+
+
+def seed_config_file(checkpoint, source):
+    """The seed config whose model fits a loaded file in layout `source`: the GN+WS (or, for `authors_bcn`,
+    BCN+WS) config of the ResNet/ResNeXt architecture the file holds, with a mask head if it has one."""
+    state_dict = unwrap_state_dict(checkpoint)
+    prefix = common_prefix(state_dict)
+    mask_on = any(k[len(prefix) :].startswith("roi_head.mask_head.") for k in state_dict)
+    resnet_prefix = prefix + ("backbone." if source == "mmdet" else "")
+    try:
+        architecture = infer_resnet_architecture(state_dict, prefix=resnet_prefix)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
+        ) from None
+    if source == "authors_bcn":
+        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_bcn_ws_2x.yaml"
+    elif mask_on:
+        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_gn_ws_2x.yaml"
+    else:
+        name = f"COCO-Detection/faster_rcnn_{architecture}_FPN_gn_ws_1x.yaml"
+    try:
+        return get_config_file(name)
+    except ConfigError:
+        raise CheckpointError(
+            f"no ws_d2 seed config {name} for this {architecture} file: pass --config-file"
+        ) from None
 
 
 def convert(src, dst, source="auto", config_file=None):

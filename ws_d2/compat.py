@@ -1,9 +1,7 @@
-"""What older detectron2 builds need on today's libraries: above all the v0.6 PyPI drop, without compiled ops.
+"""What older detectron2 builds (above all the v0.6 PyPI drop, without compiled ops) need on today's libraries.
 
-Each patch checks the installed detectron2 for the feature (never a version number), reaches only the
-detectron2 modules that need it, and does nothing on a build that has it: detectron2 main with its compiled ops
-needs only the pkg_resources stand-in and the meshgrid filter. `import ws_d2` runs `apply_all()`; each patch
-names the upstream change that retires it, so retiring one is deleting its function.
+Each patch checks the installed detectron2 for the feature (never a version), reaches only the detectron2 modules
+that need it, and names the upstream change that retires it; `import ws_d2` runs `apply_all()`.
 """
 
 import builtins

@@ -1,7 +1,5 @@
 """WSCheckpointer: detectron2's DetectionCheckpointer that reads files safely (detectron2 unpickles .pkl files
-with plain pickle.load: a crafted file runs code) and saves atomically (fvcore writes in place: a kill mid-save
-leaves a truncated file). A URL is downloaded once into detectron2's file cache; a file in a published layout is
-converted in memory for the model."""
+with plain pickle.load) and saves atomically (fvcore writes in place: a kill mid-save truncates the file)."""
 
 import contextlib
 import os
@@ -13,8 +11,6 @@ from ..files import atomic_write, is_url, require_weights_file
 from .convert import convert_state_dict
 from .layouts import detect_layout, unwrap_state_dict
 from .safe_load import load_checkpoint_file
-
-__all__ = ["WSCheckpointer"]
 
 
 class _AtomicWritesPathManager:
@@ -34,9 +30,8 @@ class _AtomicWritesPathManager:
 
 
 class WSCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer (same constructor, same loading rules) that never runs code from a file and
-    whose ``save()`` never leaves a truncated checkpoint or ``last_checkpoint`` behind. A file that cannot be
-    read safely raises ``ws_d2.errors.CheckpointError`` with a one-line message."""
+    """DetectionCheckpointer's constructor and loading rules; a URL is downloaded once into detectron2's file
+    cache, a file in a published layout is converted in memory, an unreadable one raises CheckpointError."""
 
     def __init__(self, model, save_dir="", **kwargs):
         super().__init__(model, save_dir, **kwargs)

@@ -1,9 +1,5 @@
-"""Published GN+WS and BCN+WS checkpoints -> the state_dict of a given ws_d2 model, checked name by name.
-
-Layouts (rename tables in ``layouts.py``): the authors' ImageNet GN+WS ResNet/ResNeXt (``authors``, and
-MMDetection's re-hosted copies), their BCN+WS models (``authors_bcn``), MMDetection's trained GN+WS
-Faster/Mask R-CNN (``mmdet``) and torchvision's BatchNorm ResNets (``torchvision``). Every tensor is checked
-by name and shape against the target model; a mismatch raises ``CheckpointError`` naming the keys.
+"""Published GN+WS and BCN+WS checkpoints (layouts: `layouts.py`, docs/CONVERSION.md) -> the state_dict of a
+given ws_d2 model; every tensor is checked by name and shape, a mismatch raises CheckpointError naming the keys.
 """
 
 import dataclasses
@@ -27,8 +23,6 @@ from .layouts import (
     rename,
     unwrap_state_dict,
 )
-
-__all__ = ["ConversionReport", "convert_state_dict", "meta_model", "save_converted"]
 
 GN_WS_SOURCES = ("authors", "mmdet")
 

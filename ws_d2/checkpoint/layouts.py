@@ -1,9 +1,7 @@
-"""Rename-rule tables from published GN+WS and BCN+WS checkpoint layouts to detectron2 (ws_d2) parameter names.
+"""Rename-rule tables from published GN+WS and BCN+WS checkpoint layouts (docs/CONVERSION.md) to ws_d2 names.
 
-Each table is a list of ``(source regex, target template or None, why)``. A template is filled from the
-regex's named groups plus the derived indices below; ``None`` drops the key, and ``why`` says why in the
-report. The layouts are described in docs/CONVERSION.md. Source keys no rule matches are reported, never
-silently lost.
+Each table is a list of ``(source regex, target template or None, why)``: a template is filled from the regex's
+named groups and the derived indices below, ``None`` drops the key for ``why``; unmatched keys are reported.
 """
 
 import re
@@ -136,30 +134,3 @@ def detect_layout(state_dict):
             return "authors_bcn"
         return "torchvision" if any(k.endswith("running_mean") for k in keys) else "authors"
     return None
-
-
-_DEPTH_OF_BLOCKS = {
-    ("basic", (2, 2, 2, 2)): 18,
-    ("basic", (3, 4, 6, 3)): 34,
-    ("bottleneck", (3, 4, 6, 3)): 50,
-    ("bottleneck", (3, 4, 23, 3)): 101,
-    ("bottleneck", (3, 8, 36, 3)): 152,
-}
-
-
-def infer_resnet_architecture(state_dict, prefix=""):
-    """The architecture of a torchvision-style ResNet/ResNeXt state_dict, e.g. 'R_50' or 'X_101_32x4d': depth
-    from the blocks of layer1-4, groups and width per group from layer1.0.conv2's shape."""
-    blocks = [
-        {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}layer{i}\.(\d+)\.", k))}
-        for i in (1, 2, 3, 4)
-    ]
-    counts = tuple(max(b) + 1 if b else 0 for b in blocks)
-    kind = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in state_dict else "basic"
-    depth = _DEPTH_OF_BLOCKS.get((kind, counts))
-    if depth is None:
-        raise ValueError(f"blocks per stage {counts} ({kind}) match no ResNet depth")
-    out_channels, per_group = state_dict[f"{prefix}layer1.0.conv2.weight"].shape[:2]
-    if kind == "basic" or out_channels == per_group:
-        return f"R_{depth}"
-    return f"X_{depth}_{out_channels // per_group}x{per_group}d"

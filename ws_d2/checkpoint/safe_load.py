@@ -16,8 +16,6 @@ import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError, one_line
 
-__all__ = ["load_checkpoint_file"]
-
 
 def _refused(name, what):
     return UnsafeCheckpointError(f"{name}: refused to load: it references {what}, which is not plain data")

@@ -14,7 +14,6 @@ from .coco import (
 )
 from .synthetic import (
     SYNTHETIC_CLASSES,
-    SYNTHETIC_SPLITS,
     default_synthetic_root,
     generate_synthetic_dataset,
     register_synthetic_dataset,
@@ -25,7 +24,6 @@ register_synthetic_dataset()
 
 __all__ = [
     "SYNTHETIC_CLASSES",
-    "SYNTHETIC_SPLITS",
     "IMAGE_CHECKS",
     "check_dataset_names",
     "check_datasets",

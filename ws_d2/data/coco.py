@@ -1,9 +1,5 @@
-"""COCO-format data sets whose records are checked before any training step, at the cost of a plain load.
-
-Loading parses the file once with detectron2's `load_coco_json` and checks every record: image files present,
-readable and of the recorded size (headers only, each process its share), boxes of non-negative size,
-categories known; a bad record raises DatasetError naming it. A passed image check is remembered per data set
-version (`_marker`), so a repeated or resumed run does not open the images again.
+"""COCO-format data sets whose records (image files by their headers, boxes, categories) are checked when
+loaded, before any training step; a passed image check is remembered per data set version (`_marker`).
 """
 
 import contextlib
@@ -23,15 +19,6 @@ from PIL import Image
 
 from ..errors import ConfigError, DatasetError, one_line
 from ..files import atomic_write
-
-__all__ = [
-    "IMAGE_CHECKS",
-    "check_dataset_names",
-    "check_datasets",
-    "gc_paused",
-    "load_checked_coco",
-    "register_coco_dataset",
-]
 
 IMAGE_CHECKS = ("once", "always", "never")  # once: per data set version; never: trust the files
 EXIF_ORIENTATION = 0x0112

@@ -18,15 +18,6 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 
 from ..files import atomic_write
 
-__all__ = [
-    "SYNTHETIC_CLASSES",
-    "SYNTHETIC_SPLITS",
-    "default_synthetic_root",
-    "generate_synthetic_dataset",
-    "register_synthetic_dataset",
-    "synthetic_batch",
-]
-
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 # split -> (number of images, seed offset); the val images never repeat a train image
 SYNTHETIC_SPLITS = {"train": (400, 0), "val": (50, 1_000_003)}

@@ -1,10 +1,6 @@
-"""Start training as one process, N processes on one or several machines, or under torchrun.
-
-CUDA: detectron2's `launch` (one process per GPU, NCCL). CPU: N processes on Gloo that see no GPU, by
-detectron2's `launch` (main) or `ws_d2.compat.launch_on_cpu` (v0.6). torchrun, SLURM, elastic: with the env://
-variables set this process is one worker already, and joins the group from them. detectron2's `comm` helpers
-work in every case. A worker that dies stops the others and ends `launch` in a WorkerDied naming it; one that
-raises, in a ChildProcessError with its exception's line.
+"""Start training as one process, N processes on one or several machines (CUDA: NCCL; CPU: Gloo, no GPU seen),
+or as the torchrun (SLURM, elastic) worker this process already is. A worker that dies ends `launch` in a
+WorkerDied naming it; one that raises, in a ChildProcessError with its exception's line.
 """
 
 import os
@@ -21,8 +17,6 @@ from .. import compat
 
 # detectron2 main's own; v0.6 lacks it
 create_local_process_group = getattr(comm, "create_local_process_group", compat.create_local_process_group)
-
-__all__ = ["WorkerDied", "launch", "launched_by_torchrun"]
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -14,8 +14,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import ConfigError
 from ..layers import moving_speed, set_moving_speed
 
-__all__ = ["MicroBatchTrainer", "micro_batch_size", "split_batch"]
-
 
 def micro_batch_size(cfg, world_size):
     """Images per process per forward/backward pass: IMS_PER_BATCH / (world size x ITER_SIZE), exactly."""

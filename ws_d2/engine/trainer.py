@@ -1,8 +1,6 @@
-"""WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo data parallelism, AMP checks,
-COCO evaluation, BCN's moving-speed schedule and ws_d2's safe, atomic checkpointer.
-
-Only the constructor is ws_d2's own: DefaultTrainer's hard-codes SimpleTrainer/AMPTrainer and
-DetectionCheckpointer. Hooks, resume, the training loop, testing and the build_* functions are DefaultTrainer's.
+"""WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo DDP, AMP checks, COCO evaluation, BCN's
+moving-speed schedule and ws_d2's checkpointer. Only the constructor is its own: DefaultTrainer's hard-codes
+SimpleTrainer/AMPTrainer and DetectionCheckpointer.
 """
 
 import json
@@ -20,8 +18,6 @@ from ..checkpoint import WSCheckpointer
 from ..data import check_datasets, gc_paused
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
-
-__all__ = ["WSTrainer", "check_trainable"]
 
 
 def check_trainable(cfg, world_size):

@@ -10,15 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
+from detectron2.utils import comm
 from torch import nn
 
 from ..errors import ConfigError
-
-__all__ = ["BatchChannelNorm", "EstBN", "moving_speed", "set_moving_speed"]
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class EstBN(nn.Module):
@@ -48,7 +43,7 @@ class EstBN(nn.Module):
         dtype = self.running_mean.dtype
         n = self.running_mean.new_tensor([x.numel() // max(x.shape[1], 1)])  # values per channel
         moments = torch.cat([x.sum(dims, dtype=dtype), (x - mean_old).square().sum(dims, dtype=dtype), n])
-        if _distributed():
+        if comm.get_world_size() > 1:
             dist.all_reduce(moments)
         count = moments[-1]
         batch_mean, batch_var = (moments[:-1] / count.clamp(min=1)).split(self.num_features)

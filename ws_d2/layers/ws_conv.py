@@ -12,8 +12,6 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError
 
-__all__ = ["WS_FORMULAS", "WS_MODES", "WSConv2d", "standardize_weight"]
-
 WS_FORMULAS = ("std_plus_eps", "sqrt_var_plus_eps")  # the GN+WS release's, the BCN+WS release's
 # the paper's Table 6: published WS, W - mean (WS+MO), W / rms (WS+DO), gain * W_hat + bias (WS+AF),
 # gain * W / ||W|| (WN); the last two learn a gain (and bias) per filter

@@ -10,9 +10,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 
 from ..checkpoint import WSCheckpointer
-from ..checkpoint.layouts import common_prefix, infer_resnet_architecture, unwrap_state_dict
 from ..config import load_config
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..files import require_weights_file
 from . import published
 
@@ -22,7 +21,6 @@ __all__ = [
     "get_config",
     "get_config_file",
     "imagenet_weights",
-    "seed_config_file",
 ]
 
 _CONFIG_DIRS = (Path(__file__).parent / "configs", Path(__file__).resolve().parents[2] / "configs")
@@ -94,30 +92,3 @@ def get(config_path: str, trained: bool = False, device=None):
     model = build_model(cfg)
     WSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
-
-
-def seed_config_file(checkpoint, source):
-    """The seed config whose model fits a loaded file in layout `source`: the GN+WS (or, for `authors_bcn`,
-    BCN+WS) config of the ResNet/ResNeXt architecture the file holds, with a mask head if it has one."""
-    state_dict = unwrap_state_dict(checkpoint)
-    prefix = common_prefix(state_dict)
-    mask_on = any(k[len(prefix) :].startswith("roi_head.mask_head.") for k in state_dict)
-    resnet_prefix = prefix + ("backbone." if source == "mmdet" else "")
-    try:
-        architecture = infer_resnet_architecture(state_dict, prefix=resnet_prefix)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(
-            f"cannot infer the ResNet architecture from the file ({e}): pass --config-file"
-        ) from None
-    if source == "authors_bcn":
-        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_bcn_ws_2x.yaml"
-    elif mask_on:
-        name = f"COCO-InstanceSegmentation/mask_rcnn_{architecture}_FPN_gn_ws_2x.yaml"
-    else:
-        name = f"COCO-Detection/faster_rcnn_{architecture}_FPN_gn_ws_1x.yaml"
-    try:
-        return get_config_file(name)
-    except ConfigError:
-        raise CheckpointError(
-            f"no ws_d2 seed config {name} for this {architecture} file: pass --config-file"
-        ) from None

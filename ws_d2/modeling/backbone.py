@@ -9,13 +9,6 @@ from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_re
 from ..errors import ConfigError
 from .convert import convert_to_bcn, convert_to_ws
 
-__all__ = [
-    "build_ws_resnet_backbone",
-    "build_ws_resnet_fpn_backbone",
-    "build_ws_retinanet_resnet_fpn_backbone",
-    "convert_by_config",
-]
-
 
 def convert_by_config(module, cfg, prefix=""):
     """BCN in place of every GroupNorm (MODEL.BCN.ENABLED), then WS on every normalized conv (MODEL.WS)."""

@@ -7,8 +7,6 @@ from detectron2.layers import Conv2d
 from ..layers import BatchChannelNorm, WSConv2d
 from ..layers.ws_conv import conv2d_arguments
 
-__all__ = ["convert_to_bcn", "convert_to_ws", "count_bcn", "count_ws_convs", "fold_ws"]
-
 
 def convert_to_ws(
     module: torch.nn.Module, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize"

@@ -9,8 +9,6 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, Mask
 
 from .convert import convert_to_bcn, convert_to_ws
 
-__all__ = ["WSFastRCNNConvFCHead", "WSHeadMixin", "WSMaskRCNNConvUpsampleHead"]
-
 
 class WSHeadMixin:
     """Put before a detectron2 head class: WS on the head's normalized convs (ws_eps=None: the plain head),

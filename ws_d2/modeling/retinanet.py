@@ -13,8 +13,6 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers import WSConv2d
 
-__all__ = ["WSRetinaNet", "WSRetinaNetHead"]
-
 
 class WSRetinaNetHead(RetinaNetHead):
     """RetinaNetHead with `norm` after each subnet conv and WS on those convs (ws_eps=None: the GN twin). The

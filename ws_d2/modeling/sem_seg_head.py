@@ -6,8 +6,6 @@ from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 
 from .heads import WSHeadMixin
 
-__all__ = ["WSSemSegFPNHead"]
-
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class WSSemSegFPNHead(WSHeadMixin, SemSegFPNHead):
