@@ -127,7 +127,7 @@ def main(argv=None):
                 average_precision(untrained, task, metric),
                 average_precision(trained, task, metric),
             )
-            print(f"  {label} {metric:<5} {before:6.1f} -> {after:6.1f}")
+            print(f"  {label + ' ' + metric:<12} {before:6.1f} -> {after:6.1f}")
     if steps:
         print(
             f"[quickstart] trained {steps} iterations in {train_seconds / 60:.1f} min ({train_seconds / steps:.2f} s/iter)"
