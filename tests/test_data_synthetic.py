@@ -1,10 +1,13 @@
-"""The synthetic shapes set: deterministic, valid COCO instance annotations, registered with its classes."""
+"""The synthetic shapes set: deterministic, valid COCO instance annotations, registered with its classes, and
+its panoptic-separated variant."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -13,9 +16,11 @@ from pycocotools import mask as mask_utils
 from ws_d2.config import get_ws_cfg
 from ws_d2.data import (
     SYNTHETIC_CLASSES,
+    check_dataset_names,
     check_datasets,
     generate_synthetic_dataset,
     register_coco_dataset,
+    register_synthetic_dataset,
 )
 from ws_d2.errors import DatasetError
 
@@ -90,3 +95,30 @@ def test_an_unlisted_split_has_the_same_files_in_every_process(tmp_path):
         assert (tmp_path / "this" / "holdout" / name).read_bytes() == (
             tmp_path / "other" / "holdout" / name
         ).read_bytes()
+
+
+def test_panoptic_separated_variant_labels_every_shape_0_and_the_rest_1(tmp_path):
+    """As detectron2's *_panoptic_separated sets: the instance records, each with a stuff label map in which
+    all things are 0 and the background (the one stuff class) is 1."""
+    generate_synthetic_dataset(tmp_path, {"train": 4}, image_size=96)
+    names = register_synthetic_dataset(str(tmp_path), "panoptic_test", splits=("train",))
+    name = names[1]
+    try:
+        meta = MetadataCatalog.get(name)
+        assert meta.stuff_classes == ["things", "background"] and meta.thing_classes == SYNTHETIC_CLASSES
+        records = DatasetCatalog.get(name)
+        assert len(records) == 4
+        for record in records:
+            label = cv2.imread(record["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
+            assert label.shape == (96, 96) and set(np.unique(label)) == {0, 1}
+            polygons = [a["segmentation"] for a in record["annotations"]]
+            shapes = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(sum(polygons, []), 96, 96)))
+            things = label == 0
+            assert (things & (shapes == 1)).sum() >= 0.8 * (things | (shapes == 1)).sum()  # IoU: edges differ
+        shutil.rmtree(tmp_path / "panoptic_stuff_train")
+        with pytest.raises(DatasetError, match="panoptic_stuff_train not found"):
+            check_dataset_names([name], 3)
+    finally:
+        for registered in names:
+            DatasetCatalog.remove(registered)
+            MetadataCatalog.remove(registered)

@@ -1,8 +1,10 @@
 """Cascade Mask R-CNN, RetinaNet and Panoptic FPN on the GN+WS recipe, and their BCN+WS variants, as tiny
-R-18 models at 64 px: a training step through every WS conv, fold_ws, and what WSRetinaNet refuses. Their
-configs, WS placement and state_dicts: test_configs.py; their export: test_deploy.py."""
+R-18 models at 64 px: a training step through every WS conv, fold_ws, what WSRetinaNet refuses, and the
+panoptic quickstart config's training and scores. Their configs, WS placement and state_dicts: test_configs.py;
+their export: test_deploy.py."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from ws_d2.data import synthetic_batch
+from ws_d2.engine import WSTrainer
 from ws_d2.errors import ConfigError
 from ws_d2.layers import WSConv2d
 from ws_d2.modeling import count_ws_convs, fold_ws
@@ -99,3 +102,24 @@ def test_retinanet_refuses_bcn_and_batch_norm_heads(tiny_model):
         tiny_model(RETINANET, ["MODEL.BCN.ENABLED", "True"])
     with pytest.raises(ConfigError, match="^MODEL.RETINANET.NORM BN: use META_ARCHITECTURE RetinaNet"):
         tiny_model(RETINANET, ["MODEL.RETINANET.NORM", "BN"])
+
+
+def test_panoptic_quickstart_config_trains_and_is_scored_by_ap_and_miou(
+    tiny_family_cfg, tiny_dataset, tmp_path
+):
+    """On the synthetic set's panoptic-separated variant, scored by COCO box and mask AP and the semantic
+    head's mIoU over its two classes (things, background)."""
+    tiny_dataset(tmp_path / "data", "panoptic_quick")
+    sets = ("DATASETS.TRAIN", "('panoptic_quick_train_panoptic_separated',)",
+            "DATASETS.TEST", "('panoptic_quick_val_panoptic_separated',)")  # fmt: skip
+    cfg = tiny_family_cfg(
+        "quickstart/panoptic_fpn_R_18_FPN_gn_ws_synthetic.yaml", *sets, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "2",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    )  # fmt: skip
+    WSTrainer(cfg).train()  # evaluates after the last step
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert {"bbox", "segm", "sem_seg"} <= set(results)
+    scores = results["sem_seg"]
+    assert {"IoU-things", "IoU-background"} <= set(scores) and 0 <= scores["mIoU"] <= 100

@@ -115,14 +115,19 @@ def main(argv=None):
     with open(summary_file, "w") as f:
         json.dump(summary, f, indent=2)
 
-    print("\n[quickstart] COCO AP on the synthetic val set (untrained -> trained):")
-    for task, label in (("bbox", "box"), ("segm", "mask")):
-        for metric in ("AP", "AP50"):
+    print("\n[quickstart] COCO AP (and mIoU) on the synthetic val set (untrained -> trained):")
+    shown = {
+        "bbox": ("box", ("AP", "AP50")),
+        "segm": ("mask", ("AP", "AP50")),
+        "sem_seg": ("sem-seg", ("mIoU",)),
+    }
+    for task, (label, metrics) in shown.items():
+        for metric in metrics if task in trained else ():  # what the model outputs
             before, after = (
                 average_precision(untrained, task, metric),
                 average_precision(trained, task, metric),
             )
-            print(f"  {label} {metric:<5} {before:6.1f} -> {after:6.1f}")
+            print(f"  {label + ' ' + metric:<12} {before:6.1f} -> {after:6.1f}")
     if steps:
         print(
             f"[quickstart] trained {steps} iterations in {train_seconds / 60:.1f} min ({train_seconds / steps:.2f} s/iter)"

@@ -1,7 +1,7 @@
 """Data sets for ws_d2: checked COCO-format registration and the built-in synthetic shapes set.
 
-Importing this package registers the synthetic set's names (`ws_d2_synthetic_train`, `ws_d2_synthetic_val`)
-with their metadata; the files themselves are made by `generate_synthetic_dataset`.
+Importing this package registers the synthetic set's names (`ws_d2_synthetic_train`, `ws_d2_synthetic_val`
+and their `_panoptic_separated` variants) with their metadata; `generate_synthetic_dataset` makes the files.
 """
 
 from .coco import (
@@ -18,6 +18,7 @@ from .synthetic import (
     generate_synthetic_dataset,
     register_synthetic_dataset,
     synthetic_batch,
+    write_label_maps,
 )
 
 register_synthetic_dataset()
@@ -34,4 +35,5 @@ __all__ = [
     "register_coco_dataset",
     "register_synthetic_dataset",
     "synthetic_batch",
+    "write_label_maps",
 ]

@@ -199,7 +199,7 @@ def check_dataset_names(names, num_classes, num_classes_key="MODEL.ROI_HEADS.NUM
                 f"data set '{name}' is not registered (use --coco-dataset NAME JSON IMAGE_DIR or a built-in name)"
             )
         meta = MetadataCatalog.get(name)
-        for path in (meta.get("json_file"), meta.get("image_root")):
+        for path in (meta.get("json_file"), meta.get("image_root"), meta.get("sem_seg_root")):
             if path and not os.path.exists(path):
                 hint = meta.get("missing_hint", "check DETECTRON2_DATASETS or the registered path")
                 raise DatasetError(f"data set '{name}': {path} not found ({hint})")

@@ -1,7 +1,9 @@
 """A small deterministic COCO-format instance-segmentation set of shapes, made in seconds from a seed.
 
 `ws_d2_synthetic_train` and `_val` are registered on `import ws_d2` at `$WS_D2_DATASETS/ws_d2_synthetic`
-(default `datasets/`, relative to the working directory, like detectron2's DETECTRON2_DATASETS).
+(default `datasets/`, relative to the working directory, like detectron2's DETECTRON2_DATASETS), and with
+them `ws_d2_synthetic_{train,val}_panoptic_separated`: detectron2's "separated" panoptic format (as its
+`coco_2017_*_panoptic_separated`), the instances plus a stuff label map per image (0 all things, 1 background).
 """
 
 import json
@@ -13,7 +15,8 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
+from detectron2.data.datasets.coco_panoptic import merge_to_panoptic
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
 from ..files import atomic_write
@@ -21,6 +24,8 @@ from ..files import atomic_write
 SYNTHETIC_CLASSES = ["circle", "square", "triangle"]
 # split -> (number of images, seed offset); the val images never repeat a train image
 SYNTHETIC_SPLITS = {"train": (400, 0), "val": (50, 1_000_003)}
+# the semantic classes of the panoptic-separated variant: detectron2's label 0 for all things, then the stuff
+PANOPTIC_STUFF_CLASSES = ["things", "background"]
 MISSING_HINT = "generate it with `make quickstart` or ws_d2.data.generate_synthetic_dataset()"
 
 
@@ -30,6 +35,10 @@ def default_synthetic_root():
 
 def _annotation_file(root, split):
     return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def _stuff_dir(root, split):
+    return os.path.join(root, f"panoptic_stuff_{split}")
 
 
 def _background(rng, size):
@@ -126,20 +135,69 @@ def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objec
         content = {"info": info, "images": images, "annotations": annotations, "categories": categories}
         with atomic_write(json_file, "w") as f:  # the JSON marks a complete split
             json.dump(content, f)
+    for split, (json_file, _) in written.items():  # the panoptic-separated variant's stuff labels
+        write_label_maps(
+            json_file, _stuff_dir(root, split), dict.fromkeys(SYNTHETIC_CLASSES, 0), background=1
+        )
     return written
 
 
+def write_label_maps(json_file, label_dir, labels, background):
+    """One PNG label map per image of a synthetic split's COCO file, in `label_dir`: each shape's polygon
+    filled with `labels[its class name]`, every other pixel `background`. Maps made from the same split with
+    the same labels are kept. Returns `label_dir`."""
+    with open(json_file) as f:
+        content = json.load(f)
+    marker = os.path.join(label_dir, "info.json")
+    made_from = {"info": content["info"], "labels": labels, "background": background}
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == made_from:
+                return label_dir
+    os.makedirs(label_dir, exist_ok=True)
+    label_of = {c["id"]: labels[c["name"]] for c in content["categories"]}  # by name, not by id arithmetic
+    polygons = {image["id"]: [] for image in content["images"]}
+    for annotation in content["annotations"]:
+        for polygon in annotation["segmentation"]:
+            polygons[annotation["image_id"]].append((label_of[annotation["category_id"]], polygon))
+    for image in content["images"]:
+        label = np.full((image["height"], image["width"]), background, np.uint8)
+        for value, polygon in polygons[image["id"]]:
+            points = np.round(np.asarray(polygon).reshape(-1, 2) * 16).astype(np.int32)
+            cv2.fillPoly(label, [points], value, cv2.LINE_8, shift=4)  # the image's polygon, unblended
+        cv2.imwrite(os.path.join(label_dir, image["file_name"]), label)
+    with atomic_write(marker, "w") as f:  # written last: marks a complete split
+        json.dump(made_from, f)
+    return label_dir
+
+
 def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple(SYNTHETIC_SPLITS)):
-    """Register `{prefix}_{split}` for each split, with class names, whether or not the files exist yet."""
+    """Register `{prefix}_{split}` and `{prefix}_{split}_panoptic_separated` for each split, with class names,
+    whether or not the files exist yet. Returns the names."""
     root = root or default_synthetic_root()
+    names = []
     for split in splits:
-        name = f"{prefix}_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+        name, panoptic = f"{prefix}_{split}", f"{prefix}_{split}_panoptic_separated"
+        json_file, image_dir = _annotation_file(root, split), os.path.join(root, split)
+        stuff_dir = _stuff_dir(root, split)
+        for registered in {name, panoptic} & set(DatasetCatalog.list()):
+            DatasetCatalog.remove(registered)
+            MetadataCatalog.remove(registered)
         metadata = {"thing_classes": list(SYNTHETIC_CLASSES), "missing_hint": MISSING_HINT}
-        register_coco_instances(name, metadata, _annotation_file(root, split), os.path.join(root, split))
-    return [f"{prefix}_{split}" for split in splits]
+        register_coco_instances(name, metadata, json_file, image_dir)
+        # as detectron2's register_coco_panoptic_separated, from the same files
+        DatasetCatalog.register(
+            panoptic,
+            lambda j=json_file, i=image_dir, s=stuff_dir, n=panoptic: merge_to_panoptic(
+                load_coco_json(j, i, n), load_sem_seg(s, i, "png", "png")
+            ),
+        )
+        MetadataCatalog.get(panoptic).set(
+            **metadata, stuff_classes=list(PANOPTIC_STUFF_CLASSES), json_file=json_file, image_root=image_dir,
+            sem_seg_root=stuff_dir, ignore_label=255, evaluator_type="coco_panoptic_seg",
+        )  # fmt: skip
+        names += [name, panoptic]
+    return names
 
 
 def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = True):

@@ -9,8 +9,9 @@ import os
 import weakref
 
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -94,10 +95,14 @@ class WSTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
-        """COCO box (and mask) AP; detections are kept in OUTPUT_DIR/inference/<data set>/.
+        """COCO box (and mask) AP, and on a panoptic-separated set its semantic head's mIoU (not PQ);
+        detections are kept in OUTPUT_DIR/inference/<data set>/.
         TEST.FAST_COCO_EVAL False evaluates with pycocotools' own COCOeval."""
         output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_dir, use_fast_impl=cfg.TEST.FAST_COCO_EVAL)
+        coco = COCOEvaluator(dataset_name, output_dir=output_dir, use_fast_impl=cfg.TEST.FAST_COCO_EVAL)
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") != "coco_panoptic_seg":
+            return coco
+        return DatasetEvaluators([coco, SemSegEvaluator(dataset_name, output_dir=output_dir)])
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

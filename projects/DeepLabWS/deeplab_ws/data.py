@@ -5,16 +5,12 @@ Every pixel has a class: 0 is the background (a class of its own, scored in the 
 SYNTHETIC_CLASSES' order; 255 (ignore) is never written, only declared, as detectron2's sem_seg sets do.
 """
 
-import json
 import os
 
-import cv2
-import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 
-from ws_d2.data import SYNTHETIC_CLASSES, default_synthetic_root, generate_synthetic_dataset
-from ws_d2.files import atomic_write
+from ws_d2.data import SYNTHETIC_CLASSES, default_synthetic_root, generate_synthetic_dataset, write_label_maps
 
 __all__ = ["IGNORE_LABEL", "SEM_SEG_CLASSES", "generate_synthetic_sem_seg", "register_synthetic_sem_seg"]
 
@@ -33,30 +29,9 @@ def generate_synthetic_sem_seg(root=None, splits=None, **generator_arguments):
     `root/sem_seg_<split>/`; a split whose label maps match its annotation file is kept as is."""
     root = root or default_synthetic_root()
     written = generate_synthetic_dataset(root, splits, **generator_arguments)
+    labels = {name: SEM_SEG_CLASSES.index(name) for name in SYNTHETIC_CLASSES}
     for split, (json_file, _) in written.items():
-        with open(json_file) as f:
-            content = json.load(f)
-        label_dir = _label_dir(root, split)
-        marker = os.path.join(label_dir, "info.json")
-        if os.path.isfile(marker):
-            with open(marker) as f:
-                if json.load(f) == content["info"]:
-                    continue
-        os.makedirs(label_dir, exist_ok=True)
-        # by name, not by id arithmetic: a category's label is its place in SEM_SEG_CLASSES
-        label_of = {c["id"]: SEM_SEG_CLASSES.index(c["name"]) for c in content["categories"]}
-        polygons = {image["id"]: [] for image in content["images"]}
-        for annotation in content["annotations"]:
-            for polygon in annotation["segmentation"]:
-                polygons[annotation["image_id"]].append((label_of[annotation["category_id"]], polygon))
-        for image in content["images"]:
-            label = np.zeros((image["height"], image["width"]), np.uint8)
-            for value, polygon in polygons[image["id"]]:
-                points = np.round(np.asarray(polygon).reshape(-1, 2) * 16).astype(np.int32)
-                cv2.fillPoly(label, [points], value, cv2.LINE_8, shift=4)  # the image's polygon, unblended
-            cv2.imwrite(os.path.join(label_dir, image["file_name"]), label)
-        with atomic_write(marker, "w") as f:  # written last: marks a complete split
-            json.dump(content["info"], f)
+        write_label_maps(json_file, _label_dir(root, split), labels, background=0)
     return {split: (os.path.join(root, split), _label_dir(root, split)) for split in written}
 
 
