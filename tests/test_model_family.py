@@ -41,15 +41,6 @@ def tiny_model(tiny_family_cfg):
     return build
 
 
-def training_batch(cfg):
-    inputs = synthetic_batch(cfg, size=64, batch=2, seed=0)
-    if cfg.MODEL.META_ARCHITECTURE == "PanopticFPN":  # the semantic head's target: a class (or 255) per pixel
-        generator = torch.Generator().manual_seed(0)
-        for record in inputs:
-            record["sem_seg"] = torch.randint(0, 4, record["image"].shape[1:], generator=generator)
-    return inputs
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_trains_a_step_through_every_ws_conv(tiny_model, name):
     cfg, model = tiny_model(name)
@@ -58,7 +49,7 @@ def test_tiny_model_trains_a_step_through_every_ws_conv(tiny_model, name):
         if isinstance(conv, WSConv2d):
             conv.register_forward_hook(lambda module, *_: ran.add(module))
     with EventStorage(0):
-        losses = model.train()(training_batch(cfg))
+        losses = model.train()(synthetic_batch(cfg, size=64, batch=2, seed=0))
     assert set(losses) == LOSSES[next(kind for kind in LOSSES if kind in name)]
     loss = sum(losses.values())
     assert torch.isfinite(loss)
@@ -85,7 +76,7 @@ def test_fold_ws_keeps_outputs(tiny_model, name):
     cfg, model = tiny_model(name)
     if cfg.MODEL.BCN.ENABLED:  # a training step first, so that BCN's estimates are not their initial values
         with EventStorage(0):
-            sum(model.train()(training_batch(cfg)).values()).backward()
+            sum(model.train()(synthetic_batch(cfg, size=64, batch=2, seed=0)).values()).backward()
     # 160 px: GroupNorm refuses one value per group, which RetinaNet's P7 (stride 128) is below 129 px
     inputs = synthetic_batch(cfg, size=160, batch=1, seed=1, training=False)
     folded = fold_ws(copy.deepcopy(model)).eval()

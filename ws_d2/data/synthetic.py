@@ -202,8 +202,8 @@ def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple
 
 def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = True):
     """detectron2 input dicts: `batch` random RGB uint8 images of size x 4/3 size. For training, each has as
-    many random gt boxes (and diamond masks) as the RoI sampler's foreground quota, so that every step does
-    the same work whatever the model's weights predict (the benchmark's deterministic workload)."""
+    many random gt boxes (and diamond masks; for Panoptic FPN a random class map) as the RoI sampler's
+    foreground quota, so that every step does the same work whatever the model's weights predict."""
     generator = torch.Generator().manual_seed(seed)
     height, width = size, round(size * 4 / 3)
     roi_heads = cfg.MODEL.ROI_HEADS
@@ -226,5 +226,8 @@ def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = 
                 polygons = torch.stack([cx, y0, x1, cy, cx, y1, x0, cy], dim=1).tolist()
                 instances.gt_masks = PolygonMasks([[p] for p in polygons])
             record["instances"] = instances
+            if cfg.MODEL.META_ARCHITECTURE == "PanopticFPN":  # its semantic head's target: a class per pixel
+                classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+                record["sem_seg"] = torch.randint(classes, (height, width), generator=generator)
         inputs.append(record)
     return inputs
