@@ -24,7 +24,14 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, refuse_output_onto_inputs
-from .predictor import DEPLOYED_INPUT, DEPLOYED_OUTPUTS, WSPredictor, score_threshold, tracing_quietly
+from .predictor import (
+    DEPLOYED_INPUT,
+    DEPLOYED_OUTPUTS,
+    WSPredictor,
+    resize_for_model,
+    score_threshold,
+    tracing_quietly,
+)
 
 __all__ = ["EXPORT_FORMATS", "export_deployable", "export_stock_model", "stock_config"]
 
@@ -144,8 +151,7 @@ def export_deployable(cfg, output_dir, fmt, image=None):
         raise ConfigError(f"export format {fmt!r}: not one of {', '.join(DEPLOY_FILES)}")
     path = os.path.join(output_dir, DEPLOY_FILES[fmt])
     refuse_output_onto_inputs(path, [cfg.MODEL.WEIGHTS])
-    predictor = WSPredictor(cfg, fold=True, covering=True)  # an export must not carry initial values
-    model = predictor.model
+    model = WSPredictor(cfg, fold=True, covering=True).model  # an export must not carry initial values
     # PanopticFPN is a GeneralizedRCNN whose semantic and panoptic outputs the graph does not carry
     if not isinstance(model, (GeneralizedRCNN, RetinaNet)) or isinstance(model, PanopticFPN):
         raise ConfigError(
@@ -154,8 +160,7 @@ def export_deployable(cfg, output_dir, fmt, image=None):
         )
     if cfg.MODEL.KEYPOINT_ON:
         raise ConfigError("MODEL.KEYPOINT_ON: keypoint outputs are not part of the exported graph")
-    image = sample_image(cfg) if image is None else image
-    resized = predictor.aug.get_transform(image).apply_image(image)  # as the predictor resizes
+    resized = resize_for_model(sample_image(cfg) if image is None else image, cfg)
     adapter = TracingAdapter(model, (torch.from_numpy(np.array(resized)).to(model.device),),
                              deployable_inference)  # fmt: skip
     masks = cfg.MODEL.MASK_ON and not isinstance(model, RetinaNet)  # RetinaNet ignores MASK_ON
