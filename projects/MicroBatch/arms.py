@@ -1,7 +1,8 @@
 """The study's arms and its plan: which runs (cells) it makes.
 
 Every arm is the study config plus the overrides below: only the normalization and the WS mode differ.
-A cell is one training run: an arm, a seed, the images per optimizer step and the learning rate.
+A cell is one training run: an arm, a seed, the images per optimizer step, the learning rate and the images
+it sees (None: the study's base budget, 500 images).
 """
 
 import dataclasses
@@ -24,6 +25,8 @@ ARMS = {
     "BN": ["MODEL.WS.ENABLED", "False", *_norm_everywhere("BN")],
     # no normalization at all: what FrozenBN amounts to when training from scratch
     "none": ["MODEL.WS.ENABLED", "False", *_norm_everywhere("")],
+    # the paper's BN+WS (23.76 ImageNet error at 64 images per GPU): WS before every BatchNorm
+    "BN+WS": _norm_everywhere("BN"),
     # the BCN+WS release's WS formula, as configs/quickstart/mask_rcnn_R_18_FPN_bcn_ws_synthetic.yaml
     "BCN+WS": ["MODEL.BCN.ENABLED", "True", "MODEL.WS.FORMULA", "sqrt_var_plus_eps"],
     "GN+WS-MO": ["MODEL.WS.MODE", "center"],
@@ -33,6 +36,7 @@ ARMS = {
 }
 MAIN_ARMS = ("GN", "GN+WS", "BN", "none", "BCN+WS")
 ABLATION_ARMS = ("GN+WS-MO", "GN+WS-DO", "GN+WS-AF", "GN+WN")
+BATCH_NORM_ARMS = ("BN", "BN+WS")  # evaluated again with batch statistics (their train/eval gap)
 # Arms run again at 2 images per step: BN, whose statistics the images per step change, and GN+WS, for which
 # they change only the gradient noise (as for every arm without batch statistics).
 TWO_IMAGE_ARMS = ("GN+WS", "BN")
@@ -41,6 +45,14 @@ EXTENDED_ARMS = ("GN", "GN+WS")
 
 LR_GRID = (0.005, 0.01, 0.02)
 SEEDS = (0, 1, 2)
+# Part 2. BN at large batches, over the 1-image LRs below times the images per step (the linear scaling rule),
+# extended past an edge where its best LR sits; then the longer budget at 1 image per step (and BN at its best
+# large batch), each arm at its best LR and twice that.
+LARGE_BATCHES = (8, 16)
+LARGE_BATCH_LR_GRID = (0.0025, 0.005, 0.01)
+LONG_BUDGET = 2000  # images seen: 4x the base budget
+LONG_BUDGET_ARMS = ("GN", "GN+WS", "BCN+WS")
+MAX_EXTENSIONS = 3  # of the large-batch LR grid, each a factor 2
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -49,16 +61,18 @@ class Cell:
     seed: int
     ims_per_step: int
     lr: float
+    images: int = None
 
     @classmethod
     def of(cls, entry):
         """The cell of a results.json entry."""
-        return cls(entry["arm"], entry["seed"], entry["ims_per_step"], entry["lr"])
+        return cls(entry["arm"], entry["seed"], entry["ims_per_step"], entry["lr"], entry.get("images"))
 
     @property
     def name(self):
         slug = re.sub(r"[^a-z0-9]+", "_", self.arm.lower()).strip("_")
-        return f"{slug}-ims{self.ims_per_step}-lr{self.lr:g}-seed{self.seed}"
+        budget = f"-images{self.images}" if self.images else ""
+        return f"{slug}-ims{self.ims_per_step}-lr{self.lr:g}-seed{self.seed}{budget}"
 
 
 def check_arms(arms):
@@ -68,16 +82,17 @@ def check_arms(arms):
     return list(arms)
 
 
-def grid(arms, seeds, ims_per_step, lrs):
-    """Every combination: what an explicit --arms/--seeds/--ims-per-step/--lrs selection runs."""
-    return [Cell(a, s, i, lr) for a in check_arms(arms) for i in ims_per_step for lr in lrs for s in seeds]
+def grid(arms, seeds, ims_per_step, lrs, images=None):
+    """Every combination: what an explicit --arms/--seeds/--ims-per-step/--lrs/--images selection runs."""
+    arms = check_arms(arms)
+    return [Cell(a, s, i, lr, images) for a in arms for i in ims_per_step for lr in lrs for s in seeds]
 
 
-def best_lr(results, arm, ims_per_step=1):
+def best_lr(results, arm, ims_per_step=1, images=None):
     """The learning rate with the highest mean box AP over seeds for `arm`, or None before it has results."""
     by_lr = {}
     for r in results:
-        if r["arm"] == arm and r["ims_per_step"] == ims_per_step:
+        if (r["arm"], r["ims_per_step"], r.get("images")) == (arm, ims_per_step, images):
             by_lr.setdefault(r["lr"], []).append(r["bbox_AP"])
     if not by_lr:
         return None
@@ -92,6 +107,10 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
        grid's edge where the best mean box AP of phase 1 sits, if it sits at an edge.
     3. The ablation arms at the best GN+WS learning rate, and the arms of TWO_IMAGE_ARMS at 2 images per step
        with twice their best learning rate (the linear scaling rule, the same images seen).
+    4. BN at each of LARGE_BATCHES over LARGE_BATCH_LR_GRID x the images per step, one LR further (a factor 2)
+       while its best sits at an edge.
+    5. The LONG_BUDGET: the LONG_BUDGET_ARMS at 1 image per step and BN at its best large batch, each at its
+       best LR of the base budget and twice that; BN+WS at BN's best large batch and LR (base budget).
     Each phase is planned from the results of the ones before it.
     """
     cells = grid(MAIN_ARMS, seeds, (1,), lrs)
@@ -108,7 +127,42 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
     cells += grid(ABLATION_ARMS, seeds, (1,), (best_lr(done, "GN+WS"),))
     for arm in TWO_IMAGE_ARMS:
         cells += grid((arm,), seeds, (2,), (2 * best_lr(done, arm),))
+    for k in LARGE_BATCHES:
+        cells += grid(("BN",), seeds, (k,), [k * lr for lr in LARGE_BATCH_LR_GRID])
+    for extension in range(MAX_EXTENSIONS + 1):
+        done = _finished(results, cells)
+        if done is None:
+            return cells, False
+        beyond = [(k, _beyond_edge(done, "BN", k)) for k in LARGE_BATCHES if extension < MAX_EXTENSIONS]
+        if not any(lr for _, lr in beyond):
+            break
+        cells += [cell for k, lr in beyond if lr for cell in grid(("BN",), seeds, (k,), (lr,))]
+    large = max(LARGE_BATCHES, key=lambda k: _best_mean(done, "BN", k))
+    for arm in LONG_BUDGET_ARMS:
+        best = best_lr(done, arm)
+        cells += grid((arm,), seeds, (1,), (best, 2 * best), LONG_BUDGET)
+    best = best_lr(done, "BN", large)
+    cells += grid(("BN",), seeds, (large,), (best, 2 * best), LONG_BUDGET)
+    cells += grid(("BN+WS",), seeds, (large,), (best,))
     return cells, True
+
+
+def _tried(results, arm, ims_per_step):
+    return [r for r in results if (r["arm"], r["ims_per_step"], r.get("images")) == (arm, ims_per_step, None)]
+
+
+def _beyond_edge(results, arm, ims_per_step):
+    """The LR a factor 2 past the edge of the LRs tried where the best one sits, or None if it is inside."""
+    lrs = sorted({r["lr"] for r in _tried(results, arm, ims_per_step)})
+    best = best_lr(results, arm, ims_per_step)
+    return best / 2 if best == lrs[0] else best * 2 if best == lrs[-1] else None
+
+
+def _best_mean(results, arm, ims_per_step):
+    """The mean box AP of `arm` at its best LR (base budget)."""
+    best = best_lr(results, arm, ims_per_step)
+    values = [r["bbox_AP"] for r in _tried(results, arm, ims_per_step) if r["lr"] == best]
+    return sum(values) / len(values) if values else float("-inf")
 
 
 def _finished(results, cells):

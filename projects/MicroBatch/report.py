@@ -8,23 +8,44 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from arms import ARMS, MAIN_ARMS, best_lr
+from arms import ARMS, LONG_BUDGET, LONG_BUDGET_ARMS, MAIN_ARMS, best_lr, large_batch
 
+BASE_BUDGET = 500  # images seen by a run whose entry has no "images"
 PLOTS = {
     "loss_curves.png": "training loss per arm at 1 image per step (its best LR): seed mean, band = min-max",
     "ap_bars.png": "box and mask AP per arm at 1 image per step (its best LR): mean, bar = min-max, dots = seeds",
     "lr_sensitivity.png": "box AP against the learning rate at 1 image per step, main arms",
-    "ap_vs_ims.png": "box AP against images per step (same images seen, LR scaled linearly)",
+    "ap_vs_ims.png": "box AP against images per step (500 images seen, LR scaled linearly; each at its best LR)",
+    "ap_vs_images_seen.png": "box AP against the images seen (each arm at its best LR per budget; dots = seeds)",
+    "loss_curves_long.png": f"training loss of the {LONG_BUDGET}-image runs (best LR): seed mean, band = min-max",
 }
 
 
+def images(entry):
+    return entry.get("images") or BASE_BUDGET
+
+
 def groups(results):
-    """{(arm, ims_per_step, lr): [entries]} in the arms' order."""
+    """{(arm, ims_per_step, lr, images seen): [entries]} in the arms' order."""
     grouped = defaultdict(list)
     for r in results:
-        grouped[(r["arm"], r["ims_per_step"], r["lr"])].append(r)
+        grouped[(r["arm"], r["ims_per_step"], r["lr"], images(r))].append(r)
     order = list(ARMS)
-    return dict(sorted(grouped.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1], kv[0][2])))
+    return dict(sorted(grouped.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][3], kv[0][1], kv[0][2])))
+
+
+def select(results, arm, ims_per_step, lr, budget=BASE_BUDGET):
+    return [
+        r
+        for r in results
+        if (r["arm"], r["ims_per_step"], r["lr"], images(r)) == (arm, ims_per_step, lr, budget)
+    ]
+
+
+def best_cell(results, arm, ims_per_step, budget=BASE_BUDGET):
+    """The entries of `arm` at its best LR for `ims_per_step` and `budget` ([] before it has any)."""
+    budget_key = None if budget == BASE_BUDGET else budget
+    return select(results, arm, ims_per_step, best_lr(results, arm, ims_per_step, budget_key), budget)
 
 
 def spread(values):
@@ -50,8 +71,10 @@ def _cell(values, digits=1):
 
 
 def paired_differences(results, arm="GN+WS", baseline="GN"):
-    """{(ims_per_step, lr): [arm - baseline box AP of the same seed]} where both have the seed."""
-    by_key = {(r["arm"], r["ims_per_step"], r["lr"], r["seed"]): r for r in results}
+    """{(ims_per_step, lr): [arm - baseline box AP of the same seed]} where both have the seed (500 images)."""
+    by_key = {
+        (r["arm"], r["ims_per_step"], r["lr"], r["seed"]): r for r in results if images(r) == BASE_BUDGET
+    }
     pairs = defaultdict(list)
     for (a, ims, lr, seed), r in sorted(by_key.items()):
         other = by_key.get((baseline, ims, lr, seed))
@@ -60,15 +83,39 @@ def paired_differences(results, arm="GN+WS", baseline="GN"):
     return dict(pairs)
 
 
+def paired_at_best(entries, baseline_entries):
+    """[(seed, box AP difference, mask AP difference)] of two cells' entries with the same seed."""
+    other = {r["seed"]: r for r in baseline_entries}
+    return [(r["seed"], r["bbox_AP"] - other[r["seed"]]["bbox_AP"], r["segm_AP"] - other[r["seed"]]["segm_AP"])
+            for r in sorted(entries, key=lambda r: r["seed"]) if r["seed"] in other]  # fmt: skip
+
+
+def headline(results):
+    """The two questions of part 2, as rows (question, budget, cell, baseline cell, per-seed pairs)."""
+    if not any(r["ims_per_step"] in (8, 16) and r["arm"] == "BN" for r in results):
+        return []
+    k = large_batch(results)
+    rows = []
+    for budget in (BASE_BUDGET, LONG_BUDGET):
+        gn_ws, gn, bn = (
+            best_cell(results, arm, ims, budget) for arm, ims in (("GN+WS", 1), ("GN", 1), ("BN", k))
+        )
+        if gn_ws and bn:
+            rows.append((f"GN+WS at 1 image - BN at {k}", budget, gn_ws, bn, paired_at_best(gn_ws, bn)))
+        if gn_ws and gn:
+            rows.append(("GN+WS - GN, 1 image", budget, gn_ws, gn, paired_at_best(gn_ws, gn)))
+    return rows
+
+
 def markdown_table(results):
     lines = [
-        "| arm | images/step | LR | seeds | box AP | mask AP | mean loss | diverged |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | images seen | images/step | LR | seeds | box AP | mask AP | mean loss | diverged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (arm, ims, lr), entries in groups(results).items():
+    for (arm, ims, lr, seen), entries in groups(results).items():
         diverged = sum(e["diverged"] for e in entries)
         lines.append(
-            f"| {arm} | {ims} | {lr:g} | {len(entries)} | {_cell([e['bbox_AP'] for e in entries])} | "
+            f"| {arm} | {seen} | {ims} | {lr:g} | {len(entries)} | {_cell([e['bbox_AP'] for e in entries])} | "
             f"{_cell([e['segm_AP'] for e in entries])} | {_cell([e['loss_auc'] for e in entries], 3)} | {diverged} |"
         )
     lines += ["", "Paired per-seed difference GN+WS - GN (box AP; mask AP):", ""]
@@ -77,6 +124,19 @@ def markdown_table(results):
         per_seed = ", ".join(f"s{seed}: {box:+.1f}; {mask:+.1f}" for seed, box, mask in pairs)
         box, mask = (statistics.fmean(p[i] for p in pairs) for i in (1, 2))
         lines.append(f"| {ims} | {lr:g} | {per_seed} | {box:+.1f} | {mask:+.1f} |")
+    rows = headline(results)
+    if rows:
+        lines += ["", "Each arm at its best LR for the budget, paired by seed (box AP; mask AP):", ""]
+        lines += [
+            "| question | images seen | arm (LR) | baseline (LR) | per seed | mean box ± std | mean mask |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for question, budget, cell, baseline, pairs in rows:
+            per_seed = ", ".join(f"s{seed}: {box:+.1f}; {mask:+.1f}" for seed, box, mask in pairs)
+            box, mask = spread([p[1] for p in pairs]), spread([p[2] for p in pairs])
+            std = "" if math.isnan(box["std"]) else f" ± {box['std']:.1f}"
+            lines.append(f"| {question} | {budget} | {cell[0]['arm']} ({cell[0]['lr']:g}) | {baseline[0]['arm']} "
+                         f"({baseline[0]['lr']:g}) | {per_seed} | {box['mean']:+.1f}{std} | {mask['mean']:+.1f} |")  # fmt: skip
     gap_rows = [r for r in results if "bbox_AP_batch_statistics" in r]
     if gap_rows:
         lines += [
@@ -85,12 +145,13 @@ def markdown_table(results):
             "",
         ]
         lines += [
-            "| images/step | LR | box AP, running | box AP, batch | mask AP, running | mask AP, batch |"
+            "| arm | images seen | images/step | LR | box AP, running | box AP, batch | mask AP, running | "
+            "mask AP, batch |"
         ]
-        lines += ["|---|---|---|---|---|---|"]
-        for (_arm, ims, lr), entries in groups(gap_rows).items():
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for (arm, ims, lr, seen), entries in groups(gap_rows).items():
             lines.append(
-                f"| {ims} | {lr:g} | {_cell([e['bbox_AP'] for e in entries])} | "
+                f"| {arm} | {seen} | {ims} | {lr:g} | {_cell([e['bbox_AP'] for e in entries])} | "
                 f"{_cell([e['bbox_AP_batch_statistics'] for e in entries])} | "
                 f"{_cell([e['segm_AP'] for e in entries])} | {_cell([e['segm_AP_batch_statistics'] for e in entries])} |"
             )
@@ -108,6 +169,7 @@ def write_report(results, directory):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "table.md").write_text(markdown_table(results))
     written = [directory / "table.md"]
+    everything, results = results, [r for r in results if images(r) == BASE_BUDGET]
     arms = [a for a in ARMS if any(r["arm"] == a and r["ims_per_step"] == 1 for r in results)]
     best = {arm: best_lr(results, arm) for arm in arms}
     colors = {arm: plt.cm.tab10(i) for i, arm in enumerate(ARMS)}
@@ -185,22 +247,66 @@ def write_report(results, directory):
     save(fig, "lr_sensitivity.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    band = best_cell(results, "GN+WS", 1)
+    if band:
+        s = spread([r["bbox_AP"] for r in band])
+        ax.axhspan(s["min"], s["max"], color=colors["GN+WS"], alpha=0.15)
+        ax.axhline(
+            s["mean"], color=colors["GN+WS"], ls="--", label=f"GN+WS at 1 image (LR {band[0]['lr']:g})"
+        )
     for arm in ARMS:
-        points = []
-        for ims in sorted({r["ims_per_step"] for r in results if r["arm"] == arm}):
-            lr = best_lr(results, arm, ims)
-            values = [
-                r["bbox_AP"] for r in results if (r["arm"], r["ims_per_step"], r["lr"]) == (arm, ims, lr)
-            ]
-            points.append((ims, spread(values)))
-        if len(points) < 2:
+        points = [(ims, spread([r["bbox_AP"] for r in best_cell(results, arm, ims)]))
+                  for ims in sorted({r["ims_per_step"] for r in results if r["arm"] == arm})]  # fmt: skip
+        if len(points) < 2 and not (arm.startswith("BN") and points):
             continue
         ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], marker="o", capsize=3, color=colors[arm],
                     yerr=[[p[1]["mean"] - p[1]["min"] for p in points], [p[1]["max"] - p[1]["mean"] for p in points]],
                     label=arm)  # fmt: skip
-    ax.set(xlabel="images per step", ylabel="box AP", title=PLOTS["ap_vs_ims.png"])
+    ax.set(xlabel="images per step", ylabel="box AP", title=PLOTS["ap_vs_ims.png"], xscale="log")
     ax.title.set_fontsize(9)
-    ax.set_xticks(sorted({r["ims_per_step"] for r in results}))
+    ax.minorticks_off()
+    ticks = sorted({r["ims_per_step"] for r in results})
+    ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.legend(fontsize=8)
     save(fig, "ap_vs_ims.png")
+
+    long_runs = [r for r in everything if images(r) == LONG_BUDGET]
+    if not long_runs:
+        return written
+    k = large_batch(results)
+    long_arms = [(arm, 1) for arm in LONG_BUDGET_ARMS] + [("BN", k)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for offset, (arm, ims) in enumerate(long_arms):
+        points = [(budget, best_cell(everything, arm, ims, budget)) for budget in (BASE_BUDGET, LONG_BUDGET)]
+        points = [(budget, entries) for budget, entries in points if entries]
+        xs = [budget * (1 + 0.03 * (offset - 1.5)) for budget, _ in points]  # side by side, not on top
+        stats = [spread([r["bbox_AP"] for r in entries]) for _, entries in points]
+        ax.errorbar(xs, [s["mean"] for s in stats], marker="o", capsize=3, color=colors[arm],
+                    yerr=[[s["mean"] - s["min"] for s in stats], [s["max"] - s["mean"] for s in stats]],
+                    label=f"{arm}, {ims} image(s)/step")  # fmt: skip
+        for x, (_, entries) in zip(xs, points):
+            ax.scatter([x] * len(entries), [r["bbox_AP"] for r in entries], color=colors[arm], s=10, zorder=3)
+    ax.set(xlabel="images seen", ylabel="box AP", title=PLOTS["ap_vs_images_seen.png"], xscale="log")
+    ax.title.set_fontsize(9)
+    ax.minorticks_off()
+    ax.set_xticks([BASE_BUDGET, LONG_BUDGET], [str(BASE_BUDGET), str(LONG_BUDGET)])
+    ax.legend(fontsize=8)
+    save(fig, "ap_vs_images_seen.png")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, ims in long_arms:
+        entries = best_cell(everything, arm, ims, LONG_BUDGET)
+        if not entries:
+            continue
+        curves = [{i * ims: loss for i, loss in r["loss_curve"] if math.isfinite(loss)} for r in entries]
+        seen = sorted(set.intersection(*(set(c) for c in curves)))
+        rows = [[c[x] for c in curves] for x in seen]
+        ax.plot(seen, [statistics.fmean(r) for r in rows], color=colors[arm],
+                label=f"{arm}, {ims} image(s)/step (LR {entries[0]['lr']:g})")  # fmt: skip
+        ax.fill_between(seen, [min(r) for r in rows], [max(r) for r in rows], color=colors[arm], alpha=0.15)
+    ax.set(xlabel="images seen", ylabel="total training loss", title=PLOTS["loss_curves_long.png"])
+    ax.title.set_fontsize(9)
+    ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
+    ax.legend(fontsize=8)
+    save(fig, "loss_curves_long.png")
     return written

@@ -7,6 +7,7 @@ scratch with 1-2 images per step on the synthetic shapes set. See projects/Micro
     python projects/MicroBatch/run_study.py --arms GN GN+WS --seeds 0 1 2 --ims-per-step 1 --lrs 0.005 0.01
     python projects/MicroBatch/run_study.py --print-commands      # one train_net command per run (cluster arrays)
     python projects/MicroBatch/run_study.py --rerun GN+WS 0 1 0.01 --output DIR  # one cell again, alone
+    python projects/MicroBatch/run_study.py --rerun BN 0 8 0.04 --images 2000 --output DIR  # one long-budget cell
 
 Each run is `tools/train_net.py --resume` into OUTPUT/runs/<cell>/: a killed study resumes where it stopped
 and never redoes a finished run. After the runs, results.json, table.md and the plots are (re)written into
@@ -15,6 +16,7 @@ Exit status: 0 done, 1 refused or failed, 2 usage error.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -43,6 +45,7 @@ def get_parser():
         "--ims-per-step", nargs="+", type=int, metavar="K", help="images per step (default 1)"
     )
     parser.add_argument("--lrs", nargs="+", type=float, metavar="LR", help=f"SOLVER.BASE_LR values (default {arms.LR_GRID})")  # fmt: skip
+    parser.add_argument("--images", type=int, default=None, help="images each selected run sees (default: --iterations at 1 image per step)")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=None, help=f"iterations at 1 image per step (default {ITERATIONS}; the base config's schedule with --base-config)")  # fmt: skip
     parser.add_argument(
         "--output", default="output/microbatch", help="where the runs go (default: %(default)s)"
@@ -60,7 +63,7 @@ def get_parser():
 def merge(previous, entries):
     """One entry per cell (the newer one), in the arms' order."""
     merged = {arms.Cell.of(r): r for r in [*previous, *entries]}
-    return sorted(merged.values(), key=lambda r: (list(arms.ARMS).index(r["arm"]), r["ims_per_step"], r["lr"], r["seed"]))  # fmt: skip
+    return sorted(merged.values(), key=lambda r: (list(arms.ARMS).index(r["arm"]), r.get("images") or 0, r["ims_per_step"], r["lr"], r["seed"]))  # fmt: skip
 
 
 def load_results(path):
@@ -103,19 +106,19 @@ class Study:
         wall = None
         if not runs.is_finished(directory):
             wall = runs.execute(cell, args, directory, self.threads, self.env)
-        if cell.arm == "BN":
+        if cell.arm in arms.BATCH_NORM_ARMS:
             runs.evaluate_with_batch_statistics(args, directory, self.threads, self.env)
         return runs.collect(cell, directory, self.iterations), wall
 
 
 def plan(args, results):
     """The cells to run, and whether that is all of them: an explicit selection (the product of --arms,
-    --seeds, --ims-per-step and --lrs), --quick, or the default two-phase study."""
+    --seeds, --ims-per-step, --lrs and --images), --quick, or the default phased study (arms.full_study)."""
     if args.quick:
         return arms.grid(QUICK["arms"], QUICK["seeds"], [1], QUICK["lrs"]), True
-    if args.arms or args.lrs or args.ims_per_step:
+    if args.arms or args.lrs or args.ims_per_step or args.images:
         selection = (args.arms or arms.MAIN_ARMS, args.seeds or arms.SEEDS, args.ims_per_step or [1])
-        return arms.grid(*selection, args.lrs or arms.LR_GRID), True
+        return arms.grid(*selection, args.lrs or arms.LR_GRID, args.images), True
     return arms.full_study(results, args.seeds or arms.SEEDS)
 
 
@@ -154,7 +157,7 @@ def rerun(args, study, results_file):
     """Make one cell again, alone, with the recorded run's thread count (float sums depend on it), and print
     its AP beside the recorded one and the spread of its seeds."""
     arm, seed, ims, lr = args.rerun
-    cell = arms.Cell(arms.check_arms([arm])[0], int(seed), int(ims), float(lr))
+    cell = arms.Cell(arms.check_arms([arm])[0], int(seed), int(ims), float(lr), args.images)
     if runs.is_finished(runs.run_dir(study.output, cell)):
         raise ConfigError(
             f"{runs.run_dir(study.output, cell)} already holds this run; choose an empty --output"
@@ -167,8 +170,8 @@ def rerun(args, study, results_file):
     (entry,) = run_cells(study, [cell], 1)
     print(f"[study] rerun {cell.name}: box AP {entry['bbox_AP']:.2f}, mask AP {entry['segm_AP']:.2f}")
     if recorded:
-        same_cell = (cell.arm, cell.ims_per_step, cell.lr)
-        box = [r["bbox_AP"] for r in results if (r["arm"], r["ims_per_step"], r["lr"]) == same_cell]
+        same = dataclasses.replace(cell, seed=None)
+        box = [r["bbox_AP"] for r in results if dataclasses.replace(arms.Cell.of(r), seed=None) == same]
         print(f"[study] recorded in {results_file}: box AP {recorded['bbox_AP']:.2f}, mask AP "
               f"{recorded['segm_AP']:.2f}; its seeds span box AP {min(box):.2f}-{max(box):.2f}")  # fmt: skip
     return entry

@@ -45,6 +45,7 @@ def train_command(cell, arm_opts, config_file, output, iterations):
     """The train_net argument list (relative to the repository root) that makes `cell`."""
     opts = [*arm_opts, "SEED", str(cell.seed), "SOLVER.IMS_PER_BATCH", str(cell.ims_per_step),
             "SOLVER.BASE_LR", repr(cell.lr)]  # fmt: skip
+    iterations = cell.images or iterations  # a cell's own budget in images is its iterations at 1 image/step
     if iterations:
         opts += schedule_opts(iterations, cell.ims_per_step)
     opts += ["OUTPUT_DIR", _display_path(run_dir(output, cell))]
@@ -116,6 +117,7 @@ def average_precision(results, task):
 def collect(cell, directory, iterations):
     """The results.json entry of a finished run."""
     directory = Path(directory)
+    iterations = cell.images or iterations
     info = (
         json.loads((directory / "run_info.json").read_text())
         if (directory / "run_info.json").is_file()
@@ -130,6 +132,7 @@ def collect(cell, directory, iterations):
         "seed": cell.seed,
         "ims_per_step": cell.ims_per_step,
         "lr": cell.lr,
+        "images": cell.images,
         "iterations": max(1, iterations // cell.ims_per_step) if iterations else None,
         "bbox_AP": average_precision(results, "bbox"),
         "segm_AP": average_precision(results, "segm"),
