@@ -110,8 +110,8 @@ def test_print_commands_gives_one_train_net_command_per_run(project, tmp_path, c
 def test_unknown_arm_is_refused_in_one_line(project, tmp_path, capsys):
     assert project.run_study.main(["--arms", "GN", "LN", "--output", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "run_study: error: unknown arm(s) LN; the arms are GN, GN+WS, BN, none, BCN+WS, GN+WS-MO, GN+WS-DO, "
-        "GN+WS-AF, GN+WN"
+        "run_study: error: unknown arm(s) LN; the arms are GN, GN+WS, BN, none, BN+WS, BCN+WS, GN+WS-MO, "
+        "GN+WS-DO, GN+WS-AF, GN+WN"
     ]
 
 
@@ -133,12 +133,29 @@ def test_full_study_plans_its_phases_from_results(project):
     assert not complete and extra == {("GN", 0.0025), ("GN+WS", 0.04)}
     done += results_of(phase2[len(phase1) :], lambda c: ap[c.arm](c))
     phase3, complete = arms.full_study(done)
-    assert complete
-    last = {(c.arm, c.ims_per_step, c.lr) for c in phase3[len(phase2) :]}
+    assert not complete
+    last = {(c.arm, c.ims_per_step, c.lr) for c in phase3[len(phase2) :] if c.ims_per_step <= 2}
     ablations = {(arm, 1, 0.04) for arm in arms.ABLATION_ARMS}  # at the best GN+WS LR, extension included
     two_images = {("GN+WS", 2, 0.08), ("BN", 2, 0.02)}  # twice each arm's best LR
     assert last == ablations | two_images
-    assert len(phase3) == len(set(phase3)) == 45 + 6 + 12 + 6
+    # part 2: BN at 8 and 16 images per step over the 1-image grid x k, extended while its best is at an edge
+    large = {(c.ims_per_step, c.lr) for c in phase3 if c.ims_per_step > 2}
+    assert large == {(k, k * lr) for k in (8, 16) for lr in (0.0025, 0.005, 0.01)}
+    # at 8 the best is the grid's lowest LR, at 16 inside it (and better): 8 gets a lower LR, 16 none
+    best = {8: 0.02, 16: 0.08}
+    ap = dict(ap, BN=lambda c: c.ims_per_step - abs(c.lr - best.get(c.ims_per_step, 0.01)))
+    done += results_of(phase3[len(phase2) :], lambda c: ap.get(c.arm, lambda c: c.seed)(c))
+    phase4, complete = arms.full_study(done)
+    assert not complete and {(c.ims_per_step, c.lr) for c in phase4[len(phase3) :]} == {(8, 0.01)}
+    done += results_of(phase4[len(phase3) :], ap["BN"])
+    phase5, complete = arms.full_study(done)
+    assert complete
+    long_budget = {(c.arm, c.ims_per_step, c.lr) for c in phase5[len(phase4) :] if c.images == 2000}
+    assert long_budget == {("GN", 1, 0.0025), ("GN", 1, 0.005), ("GN+WS", 1, 0.04), ("GN+WS", 1, 0.08),
+                           ("BCN+WS", 1, 0.005), ("BCN+WS", 1, 0.01), ("BN", 16, 0.08), ("BN", 16, 0.16)}  # fmt: skip
+    bn_ws = {(c.arm, c.ims_per_step, c.lr, c.images) for c in phase5[len(phase4) :] if c.arm == "BN+WS"}
+    assert bn_ws == {("BN+WS", 16, 0.08, None)}  # at BN's best large batch and LR
+    assert len(phase5) == len(set(phase5)) == 45 + 6 + 12 + 6 + 18 + 3 + 8 * 3 + 3
 
 
 def test_bn_batch_statistics_survive_eval_mode(project):

@@ -137,7 +137,7 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
         if not any(lr for _, lr in beyond):
             break
         cells += [cell for k, lr in beyond if lr for cell in grid(("BN",), seeds, (k,), (lr,))]
-    large = max(LARGE_BATCHES, key=lambda k: _best_mean(done, "BN", k))
+    large = large_batch(done)
     for arm in LONG_BUDGET_ARMS:
         best = best_lr(done, arm)
         cells += grid((arm,), seeds, (1,), (best, 2 * best), LONG_BUDGET)
@@ -145,6 +145,11 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
     cells += grid(("BN",), seeds, (large,), (best, 2 * best), LONG_BUDGET)
     cells += grid(("BN+WS",), seeds, (large,), (best,))
     return cells, True
+
+
+def large_batch(results):
+    """BN's images per step among LARGE_BATCHES with the best mean box AP at its best LR (base budget)."""
+    return max(LARGE_BATCHES, key=lambda k: _best_mean(results, "BN", k))
 
 
 def _tried(results, arm, ims_per_step):

@@ -104,6 +104,13 @@ def headline(results):
             rows.append((f"GN+WS at 1 image - BN at {k}", budget, gn_ws, bn, paired_at_best(gn_ws, bn)))
         if gn_ws and gn:
             rows.append(("GN+WS - GN, 1 image", budget, gn_ws, gn, paired_at_best(gn_ws, gn)))
+    gaps = [row for row in rows if row[0].startswith("GN+WS - GN")]
+    if len(gaps) == 2:  # how the gap moved with 4x the images, seed by seed
+        (_, _, short, _, before), (_, _, long, _, after) = gaps
+        change = [(s, box - b0, mask - m0) for (s, b0, m0), (s1, box, mask) in zip(before, after) if s == s1]
+        rows.append(
+            (f"change of GN+WS - GN, {BASE_BUDGET} to {LONG_BUDGET}", LONG_BUDGET, long, short, change)
+        )
     return rows
 
 
@@ -229,7 +236,7 @@ def write_report(results, directory):
         by_lr = groups([r for r in results if r["arm"] == arm and r["ims_per_step"] == 1])
         if len(by_lr) < 2:
             continue
-        lrs = [lr for (_, _, lr) in by_lr]
+        lrs = [lr for (_, _, lr, _) in by_lr]
         stats = [spread([e["bbox_AP"] for e in entries]) for entries in by_lr.values()]
         ax.errorbar(lrs, [s["mean"] for s in stats], capsize=3, color=colors[arm], marker="o", label=arm,
                     yerr=[[s["mean"] - s["min"] for s in stats], [s["max"] - s["mean"] for s in stats]])  # fmt: skip

@@ -5,11 +5,4 @@ from .convert import convert_state_dict, meta_model, save_converted
 from .layouts import SOURCES
 from .safe_load import load_checkpoint_file
 
-__all__ = [
-    "SOURCES",
-    "WSCheckpointer",
-    "convert_state_dict",
-    "load_checkpoint_file",
-    "meta_model",
-    "save_converted",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as detectron2's packages

@@ -23,17 +23,4 @@ from .synthetic import (
 
 register_synthetic_dataset()
 
-__all__ = [
-    "SYNTHETIC_CLASSES",
-    "IMAGE_CHECKS",
-    "check_dataset_names",
-    "check_datasets",
-    "default_synthetic_root",
-    "gc_paused",
-    "generate_synthetic_dataset",
-    "load_checked_coco",
-    "register_coco_dataset",
-    "register_synthetic_dataset",
-    "synthetic_batch",
-    "write_label_maps",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as detectron2's packages

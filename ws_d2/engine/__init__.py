@@ -5,13 +5,4 @@ from .launch import WorkerDied, launch, launched_by_torchrun
 from .micro_batch import MicroBatchTrainer, micro_batch_size, split_batch
 from .trainer import WSTrainer, check_trainable
 
-__all__ = [
-    "WorkerDied",
-    "MicroBatchTrainer",
-    "WSTrainer",
-    "check_trainable",
-    "launch",
-    "launched_by_torchrun",
-    "micro_batch_size",
-    "split_batch",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as detectron2's packages

@@ -9,18 +9,4 @@ from .heads import WSFastRCNNConvFCHead, WSMaskRCNNConvUpsampleHead
 from .retinanet import WSRetinaNet, WSRetinaNetHead
 from .sem_seg_head import WSSemSegFPNHead
 
-__all__ = [
-    "WSFastRCNNConvFCHead",
-    "WSMaskRCNNConvUpsampleHead",
-    "WSRetinaNet",
-    "WSRetinaNetHead",
-    "WSSemSegFPNHead",
-    "build_ws_resnet_backbone",
-    "build_ws_resnet_fpn_backbone",
-    "build_ws_retinanet_resnet_fpn_backbone",
-    "convert_to_bcn",
-    "convert_to_ws",
-    "count_bcn",
-    "count_ws_convs",
-    "fold_ws",
-]
+__all__ = [k for k in globals() if not k.startswith("_")]  # as detectron2's packages
