@@ -14,7 +14,7 @@ import torch
 
 RESULT_KEYS = {"arm", "seed", "ims_per_step", "lr", "iterations", "bbox_AP", "segm_AP", "loss_auc",
                "loss_curve", "command", "machine", "wall_time_s", "diverged"}  # fmt: skip
-PLOTS = ("loss_curves.png", "ap_bars.png", "lr_sensitivity.png", "ap_vs_ims.png")
+PLOTS = ("loss_curves.png", "ap_bars.png", "lr_sensitivity.png", "ap_vs_ims.png")  # without a 2,000-image run
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_quick_study_runs_records_resumes_and_reruns(repo_root, tmp_path):
     bn = next(r for r in results if r["arm"] == "BN")
     assert "bbox_AP_batch_statistics" in bn  # BN's train/eval gap was evaluated
     table = (out / "results" / "table.md").read_text()
-    assert "| GN+WS | 1 | 0.01 | 1 |" in table and "GN+WS - GN" in table
+    assert "| GN+WS | 6 | 1 | 0.01 | 1 |" in table and "GN+WS - GN" in table
     for name in PLOTS:
         assert (out / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -156,6 +156,40 @@ def test_full_study_plans_its_phases_from_results(project):
     bn_ws = {(c.arm, c.ims_per_step, c.lr, c.images) for c in phase5[len(phase4) :] if c.arm == "BN+WS"}
     assert bn_ws == {("BN+WS", 16, 0.08, None)}  # at BN's best large batch and LR
     assert len(phase5) == len(set(phase5)) == 45 + 6 + 12 + 6 + 18 + 3 + 8 * 3 + 3
+
+
+def test_report_answers_part_two_from_paired_seeds(project, tmp_path):
+    sys.path.insert(0, str(Path(project.arms.__file__).parent))
+    try:
+        report = importlib.import_module("report")
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("report", None)
+
+    def cells(arm, ims, lr, box_aps, images=None):
+        return [dict(arm=arm, seed=seed, ims_per_step=ims, lr=lr, images=images, bbox_AP=ap, segm_AP=ap / 2,
+                     iterations=(images or 500) // ims, loss_auc=1.0, diverged=False, loss_curve=[[10, 2.0], [(images or 500) // ims, 1.0]])
+                for seed, ap in enumerate(box_aps)]  # fmt: skip
+
+    results = [*cells("GN+WS", 1, 0.02, [10, 12, 14]), *cells("GN+WS", 1, 0.01, [1, 1, 1]),
+               *cells("GN", 1, 0.005, [20, 22, 24]), *cells("BN", 8, 0.04, [15, 15, 15]),
+               *cells("BN", 16, 0.08, [5, 5, 5]), *cells("GN+WS", 1, 0.02, [20, 21, 22], 2000),
+               *cells("GN+WS", 1, 0.04, [0, 0, 0], 2000), *cells("GN", 1, 0.005, [22, 22, 22], 2000),
+               *cells("BN", 8, 0.04, [16, 17, 18], 2000)]  # fmt: skip
+    rows = {
+        (question, budget): [box for _, box, _ in pairs]
+        for question, budget, *_, pairs in report.headline(results)
+    }
+    assert rows == {
+        ("GN+WS at 1 image - BN at 8", 500): [-5, -3, -1],  # BN's best large batch is 8, its best LR 0.04
+        ("GN+WS - GN, 1 image", 500): [-10, -10, -10],
+        ("GN+WS at 1 image - BN at 8", 2000): [4, 4, 4],  # GN+WS at its best LR for 2,000 images, 0.02
+        ("GN+WS - GN, 1 image", 2000): [-2, -1, 0],
+        ("change of GN+WS - GN, 500 to 2000", 2000): [8, 9, 10],  # the gap closes in every seed
+    }
+    written = report.write_report(results, tmp_path)
+    assert {"ap_vs_images_seen.png", "loss_curves_long.png"} <= {path.name for path in written}
+    assert "| GN+WS | 2000 | 1 | 0.02 | 3 | 21.0 ± 1.0 (20.0-22.0) |" in (tmp_path / "table.md").read_text()
 
 
 def test_bn_batch_statistics_survive_eval_mode(project):

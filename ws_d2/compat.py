@@ -254,7 +254,7 @@ def apply_all():
     return list(APPLIED)
 
 
-# Not applied at import: stand-ins for what detectron2 v0.6 lacks, used by ws_d2.engine.launch where it does.
+# Not applied at import: a stand-in for what detectron2 v0.6 lacks, used by ws_d2.engine.launch where it does.
 
 
 def create_local_process_group(num_workers_per_machine):
@@ -268,25 +268,3 @@ def create_local_process_group(num_workers_per_machine):
         group = dist.new_group(list(range(machine * n, (machine + 1) * n)))
         if machine == dist.get_rank() // n:
             comm._LOCAL_PROCESS_GROUP = group
-
-
-def _gloo_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
-    rank = machine_rank * procs_per_machine + local_rank
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
-    create_local_process_group(procs_per_machine)
-    comm.synchronize()
-    main_func(*args)
-    dist.destroy_process_group()
-
-
-def launch_on_cpu(main_func, procs_per_machine, num_machines, machine_rank, dist_url, args, timeout):
-    """detectron2's `launch` for CPU processes on Gloo, which v0.6's cannot start (it asserts CUDA, uses NCCL).
-    Retired by detectron2 PR #4720 ("Support launch() on CPU machines": Gloo when there is no GPU)."""
-    import torch.multiprocessing as mp
-
-    world_size = num_machines * procs_per_machine
-    worker_args = (main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout)
-    mp.start_processes(_gloo_worker, nprocs=procs_per_machine, args=worker_args, daemon=False)

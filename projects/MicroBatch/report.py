@@ -25,6 +25,11 @@ def images(entry):
     return entry.get("images") or BASE_BUDGET
 
 
+def _seen(entry):
+    """The images a run saw: its iterations x images per step (500 // 16 iterations of 16 make 496)."""
+    return entry["iterations"] * entry["ims_per_step"] if entry.get("iterations") else "-"
+
+
 def groups(results):
     """{(arm, ims_per_step, lr, images seen): [entries]} in the arms' order."""
     grouped = defaultdict(list)
@@ -119,10 +124,10 @@ def markdown_table(results):
         "| arm | images seen | images/step | LR | seeds | box AP | mask AP | mean loss | diverged |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (arm, ims, lr, seen), entries in groups(results).items():
+    for (arm, ims, lr, _), entries in groups(results).items():
         diverged = sum(e["diverged"] for e in entries)
         lines.append(
-            f"| {arm} | {seen} | {ims} | {lr:g} | {len(entries)} | {_cell([e['bbox_AP'] for e in entries])} | "
+            f"| {arm} | {_seen(entries[0])} | {ims} | {lr:g} | {len(entries)} | {_cell([e['bbox_AP'] for e in entries])} | "
             f"{_cell([e['segm_AP'] for e in entries])} | {_cell([e['loss_auc'] for e in entries], 3)} | {diverged} |"
         )
     lines += ["", "Paired per-seed difference GN+WS - GN (box AP; mask AP):", ""]
@@ -156,9 +161,9 @@ def markdown_table(results):
             "mask AP, batch |"
         ]
         lines += ["|---|---|---|---|---|---|---|---|"]
-        for (arm, ims, lr, seen), entries in groups(gap_rows).items():
+        for (arm, ims, lr, _), entries in groups(gap_rows).items():
             lines.append(
-                f"| {arm} | {seen} | {ims} | {lr:g} | {_cell([e['bbox_AP'] for e in entries])} | "
+                f"| {arm} | {_seen(entries[0])} | {ims} | {lr:g} | {_cell([e['bbox_AP'] for e in entries])} | "
                 f"{_cell([e['bbox_AP_batch_statistics'] for e in entries])} | "
                 f"{_cell([e['segm_AP'] for e in entries])} | {_cell([e['segm_AP_batch_statistics'] for e in entries])} |"
             )

@@ -8,6 +8,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
@@ -29,6 +30,14 @@ def launched_by_torchrun():
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def _run_in_process_group(main_func, args, procs_per_machine, backend, timeout, **init):
+    dist.init_process_group(backend, timeout=timeout, **init)
+    create_local_process_group(procs_per_machine)
+    comm.synchronize()
+    main_func(*args)
+    dist.destroy_process_group()
+
+
 def _run_torchrun_worker(main_func, args, use_cuda, timeout):
     world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     procs_per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -38,11 +47,24 @@ def _run_torchrun_worker(main_func, args, use_cuda, timeout):
         )
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", timeout=timeout)
-    create_local_process_group(procs_per_machine)
-    comm.synchronize()
-    main_func(*args)
-    dist.destroy_process_group()
+    backend = "nccl" if use_cuda else "gloo"
+    _run_in_process_group(main_func, args, procs_per_machine, backend, timeout, init_method="env://")
+
+
+def _gloo_worker(
+    local_rank, main_func, args, procs_per_machine, num_machines, machine_rank, dist_url, timeout
+):
+    rank = machine_rank * procs_per_machine + local_rank
+    world_size = num_machines * procs_per_machine
+    init = {"init_method": dist_url, "world_size": world_size, "rank": rank}
+    _run_in_process_group(main_func, args, procs_per_machine, "gloo", timeout, **init)
+
+
+def _launch_on_cpu(main_func, procs_per_machine, num_machines, machine_rank, dist_url, args, timeout):
+    """detectron2's `launch` for CPU processes on Gloo, which v0.6's cannot start (it asserts CUDA, uses NCCL).
+    Retired by detectron2 PR #4720 ("Support launch() on CPU machines": Gloo when there is no GPU)."""
+    worker_args = (main_func, args, procs_per_machine, num_machines, machine_rank, dist_url, timeout)
+    mp.start_processes(_gloo_worker, nprocs=procs_per_machine, args=worker_args, daemon=False)
 
 
 def launch(
@@ -66,7 +88,7 @@ def launch(
     if use_cuda:
         launcher = detectron2_launch
     else:  # detectron2's own launch where it picks Gloo without a GPU (main); v0.6's asserts CUDA
-        launcher = detectron2_launch if compat.LAUNCH_STARTS_GLOO else compat.launch_on_cpu
+        launcher = detectron2_launch if compat.LAUNCH_STARTS_GLOO else _launch_on_cpu
         if dist_url in (None, "auto"):
             if num_machines > 1:
                 raise ValueError("several machines need an explicit dist_url reachable by all of them")
