@@ -194,6 +194,29 @@ def test_statistics_computed_once_and_reused_in_eval_and_for_frozen_weights(stat
     assert len(statistics_runs) == runs + 2
 
 
+def test_standardized_once_shares_w_hat_across_calls_and_lets_go_after(statistics_runs):
+    """A head shared by the FPN levels (RetinaNet's) standardizes once per pass, with the per-call outputs and
+    gradient, and the next pass sees the updated weight."""
+    from ws_d2.layers.ws_conv import standardized_once
+
+    conv = make_conv().double()
+    levels = [torch.randn(1, 8, size, size, dtype=torch.float64) for size in (9, 5, 3)]
+    per_call = sum(conv(x).square().sum() for x in levels)
+    (expected,) = torch.autograd.grad(per_call, conv.weight)
+    runs = len(statistics_runs)
+    with standardized_once(conv):
+        shared = sum(conv(x).square().sum() for x in levels)
+    assert len(statistics_runs) == runs + 1
+    torch.testing.assert_close(shared, per_call, rtol=1e-12, atol=0)
+    (gradient,) = torch.autograd.grad(shared, conv.weight)
+    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        conv.weight.mul_(2).add_(1)
+    x = levels[0]
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, reference_ws(conv.weight), conv.bias, padding=1))
+
+
 def test_eval_keeps_no_weight_sized_tensor():
     """Only O(out_channels) numbers are cached: no second copy of the weight stays alive."""
     conv = WSConv2d(64, 128, kernel_size=3, padding=1, bias=False)

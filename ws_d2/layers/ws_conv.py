@@ -5,6 +5,8 @@ the authors' code and mmcv's ConvWS compute it (not the paper's Eq. 2: docs/WS.m
 uses (W - mean) / sqrt(var + eps): `formula="sqrt_var_plus_eps"`. The paper's ablations of WS are `mode`s.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d
@@ -183,6 +185,7 @@ class WSConv2d(Conv2d):
         self.formula = _checked(formula, WS_FORMULAS, "formula")
         self.mode = _checked(mode, WS_MODES, "mode")
         self._ws_statistics = None
+        self._shared_weight = None  # set by standardized_once
         self._init_mode_parameters(self.weight.device, self.weight.dtype)
 
     def _init_mode_parameters(self, device, dtype):
@@ -257,6 +260,9 @@ class WSConv2d(Conv2d):
         half = torch.is_autocast_enabled(device) and weight.dtype == torch.float32
         dtype = torch.get_autocast_dtype(device) if half else weight.dtype
         conv_args = (self.stride, self.padding, self.dilation, self.groups)
+        if self._shared_weight is not None:
+            x = F.conv2d(x, self._shared_weight.to(dtype), self.bias, *conv_args)
+            return self._norm_and_activation(x)
         fused = self.mode == "standardize" and torch.is_grad_enabled() and weight.requires_grad
         if fused and weight.dtype in (torch.float32, torch.float64) and not isinstance(self.padding, str):
             # the memory-lean path, under autocast too (statistics in fp32, the conv in half)
@@ -264,8 +270,25 @@ class WSConv2d(Conv2d):
             x = _WSConvolution.apply(x.to(dtype), weight, bias, self.eps, self.formula, *conv_args)
         else:  # cast once, before the conv: no fp32 W_hat beside it
             x = F.conv2d(x, self.standardized_weight().to(dtype), self.bias, *conv_args)
+        return self._norm_and_activation(x)
+
+    def _norm_and_activation(self, x):
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+@contextlib.contextmanager
+def standardized_once(module: torch.nn.Module):
+    """Inside the block, every WSConv2d of `module` convolves with W_hat computed once on entry, instead of on
+    each call: for a head that runs the same convs on every FPN level (its gradient accumulates, as W's would)."""
+    convs = [m for m in module.modules() if isinstance(m, WSConv2d)]
+    try:
+        for conv in convs:
+            conv._shared_weight = conv.standardized_weight()
+        yield
+    finally:
+        for conv in convs:
+            conv._shared_weight = None

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers import WSConv2d
+from ..layers.ws_conv import standardized_once
 
 
 class WSRetinaNetHead(RetinaNetHead):
@@ -44,6 +45,10 @@ class WSRetinaNetHead(RetinaNetHead):
                 else:
                     layers.append(layer)
             setattr(self, name, nn.Sequential(*layers))
+
+    def forward(self, features):
+        with standardized_once(self):  # the subnets run on every level: W_hat once, not once a level
+            return super().forward(features)
 
     @classmethod
     def from_config(cls, cfg, input_shape: list[ShapeSpec]):
