@@ -109,8 +109,8 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
        with twice their best learning rate (the linear scaling rule, the same images seen).
     4. BN at each of LARGE_BATCHES over LARGE_BATCH_LR_GRID x the images per step, one LR further (a factor 2)
        while its best sits at an edge.
-    5. The LONG_BUDGET: the LONG_BUDGET_ARMS at 1 image per step and BN at its best large batch, each at its
-       best LR of the base budget and twice that; BN+WS at BN's best large batch and LR (base budget).
+    5. BN+WS at BN's best large batch and LR (base budget); the LONG_BUDGET: the LONG_BUDGET_ARMS at 1 image per
+       step and BN at its best large batch, each at its best LR of the base budget, then at twice that.
     Each phase is planned from the results of the ones before it.
     """
     cells = grid(MAIN_ARMS, seeds, (1,), lrs)
@@ -138,12 +138,13 @@ def full_study(results, seeds=SEEDS, lrs=LR_GRID):
             break
         cells += [cell for k, lr in beyond if lr for cell in grid(("BN",), seeds, (k,), (lr,))]
     large = large_batch(done)
-    for arm in LONG_BUDGET_ARMS:
-        best = best_lr(done, arm)
-        cells += grid((arm,), seeds, (1,), (best, 2 * best), LONG_BUDGET)
-    best = best_lr(done, "BN", large)
-    cells += grid(("BN",), seeds, (large,), (best, 2 * best), LONG_BUDGET)
-    cells += grid(("BN+WS",), seeds, (large,), (best,))
+    long_arms = [(arm, 1, best_lr(done, arm)) for arm in LONG_BUDGET_ARMS] + [
+        ("BN", large, best_lr(done, "BN", large))
+    ]
+    cells += grid(("BN+WS",), seeds, (large,), (long_arms[-1][2],))  # a few minutes: first
+    for factor in (1, 2):  # every arm at its best LR first: the runs the two questions need most
+        for arm, ims, best in long_arms:
+            cells += grid((arm,), seeds, (ims,), (factor * best,), LONG_BUDGET)
     return cells, True
 
 
