@@ -260,19 +260,15 @@ class WSConv2d(Conv2d):
         half = torch.is_autocast_enabled(device) and weight.dtype == torch.float32
         dtype = torch.get_autocast_dtype(device) if half else weight.dtype
         conv_args = (self.stride, self.padding, self.dilation, self.groups)
+        fused = self.mode == "standardize" and torch.is_grad_enabled() and weight.requires_grad
+        fused = fused and weight.dtype in (torch.float32, torch.float64) and not isinstance(self.padding, str)
         if self._shared_weight is not None:
             x = F.conv2d(x, self._shared_weight.to(dtype), self.bias, *conv_args)
-            return self._norm_and_activation(x)
-        fused = self.mode == "standardize" and torch.is_grad_enabled() and weight.requires_grad
-        if fused and weight.dtype in (torch.float32, torch.float64) and not isinstance(self.padding, str):
-            # the memory-lean path, under autocast too (statistics in fp32, the conv in half)
+        elif fused:  # the memory-lean path, under autocast too (statistics in fp32, the conv in half)
             bias = None if self.bias is None else self.bias.to(dtype)
             x = _WSConvolution.apply(x.to(dtype), weight, bias, self.eps, self.formula, *conv_args)
         else:  # cast once, before the conv: no fp32 W_hat beside it
             x = F.conv2d(x, self.standardized_weight().to(dtype), self.bias, *conv_args)
-        return self._norm_and_activation(x)
-
-    def _norm_and_activation(self, x):
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
