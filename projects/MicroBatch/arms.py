@@ -55,7 +55,7 @@ LONG_BUDGET_ARMS = ("GN", "GN+WS", "BCN+WS")
 MAX_EXTENSIONS = 3  # of the large-batch LR grid, each a factor 2
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Cell:
     arm: str
     seed: int
@@ -67,6 +67,16 @@ class Cell:
     def of(cls, entry):
         """The cell of a results.json entry."""
         return cls(entry["arm"], entry["seed"], entry["ims_per_step"], entry["lr"], entry.get("images"))
+
+    def __lt__(self, other):  # sorted() in the fields' order, the base budget (None) first
+        key = (self.arm, self.seed, self.ims_per_step, self.lr)
+        return (*key, self.images or 0) < (
+            other.arm,
+            other.seed,
+            other.ims_per_step,
+            other.lr,
+            other.images or 0,
+        )
 
     @property
     def name(self):

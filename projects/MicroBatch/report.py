@@ -96,27 +96,45 @@ def paired_at_best(entries, baseline_entries):
 
 
 def headline(results):
-    """The two questions of part 2, as rows (question, budget, cell, baseline cell, per-seed pairs)."""
+    """The two questions of part 2, as rows (question, budget, arm (LR), baseline (LR), per-seed pairs)."""
     if not any(r["ims_per_step"] in (8, 16) and r["arm"] == "BN" for r in results):
         return []
     k = large_batch(results)
-    rows = []
+    rows, gaps = [], []
     for budget in (BASE_BUDGET, LONG_BUDGET):
         gn_ws, gn, bn = (
-            best_cell(results, arm, ims, budget) for arm, ims in (("GN+WS", 1), ("GN", 1), ("BN", k))
+            best_cell(results, a, ims, budget) for a, ims in (("GN+WS", 1), ("GN", 1), ("BN", k))
         )
         if gn_ws and bn:
-            rows.append((f"GN+WS at 1 image - BN at {k}", budget, gn_ws, bn, paired_at_best(gn_ws, bn)))
+            rows.append(
+                (
+                    f"GN+WS at 1 image - BN at {k}",
+                    budget,
+                    _label(gn_ws),
+                    _label(bn),
+                    paired_at_best(gn_ws, bn),
+                )
+            )
         if gn_ws and gn:
-            rows.append(("GN+WS - GN, 1 image", budget, gn_ws, gn, paired_at_best(gn_ws, gn)))
-    gaps = [row for row in rows if row[0].startswith("GN+WS - GN")]
+            gaps.append((budget, _label(gn_ws), _label(gn), paired_at_best(gn_ws, gn)))
+            rows.append(("GN+WS - GN, 1 image", *gaps[-1]))
     if len(gaps) == 2:  # how the gap moved with 4x the images, seed by seed
-        (_, _, short, _, before), (_, _, long, _, after) = gaps
+        (_, *short, before), (_, *long, after) = gaps
         change = [(s, box - b0, mask - m0) for (s, b0, m0), (s1, box, mask) in zip(before, after) if s == s1]
         rows.append(
-            (f"change of GN+WS - GN, {BASE_BUDGET} to {LONG_BUDGET}", LONG_BUDGET, long, short, change)
+            (
+                "change of GN+WS - GN",
+                f"{BASE_BUDGET} to {LONG_BUDGET}",
+                " - ".join(long),
+                " - ".join(short),
+                change,
+            )
         )
     return rows
+
+
+def _label(entries):
+    return f"{entries[0]['arm']} ({entries[0]['lr']:g})"
 
 
 def markdown_table(results):
@@ -143,12 +161,12 @@ def markdown_table(results):
             "| question | images seen | arm (LR) | baseline (LR) | per seed | mean box ± std | mean mask |"
         ]
         lines += ["|---|---|---|---|---|---|---|"]
-        for question, budget, cell, baseline, pairs in rows:
+        for question, budget, arm, baseline, pairs in rows:
             per_seed = ", ".join(f"s{seed}: {box:+.1f}; {mask:+.1f}" for seed, box, mask in pairs)
             box, mask = spread([p[1] for p in pairs]), spread([p[2] for p in pairs])
             std = "" if math.isnan(box["std"]) else f" ± {box['std']:.1f}"
-            lines.append(f"| {question} | {budget} | {cell[0]['arm']} ({cell[0]['lr']:g}) | {baseline[0]['arm']} "
-                         f"({baseline[0]['lr']:g}) | {per_seed} | {box['mean']:+.1f}{std} | {mask['mean']:+.1f} |")  # fmt: skip
+            lines.append(f"| {question} | {budget} | {arm} | {baseline} | {per_seed} | {box['mean']:+.1f}{std} | "
+                         f"{mask['mean']:+.1f} |")  # fmt: skip
     gap_rows = [r for r in results if "bbox_AP_batch_statistics" in r]
     if gap_rows:
         lines += [
