@@ -68,15 +68,11 @@ class Cell:
         """The cell of a results.json entry."""
         return cls(entry["arm"], entry["seed"], entry["ims_per_step"], entry["lr"], entry.get("images"))
 
-    def __lt__(self, other):  # sorted() in the fields' order, the base budget (None) first
-        key = (self.arm, self.seed, self.ims_per_step, self.lr)
-        return (*key, self.images or 0) < (
-            other.arm,
-            other.seed,
-            other.ims_per_step,
-            other.lr,
-            other.images or 0,
-        )
+    def __lt__(self, other):  # sorted(): in the fields' order, the base budget (None) first
+        return self._order() < other._order()
+
+    def _order(self):
+        return (self.arm, self.seed, self.ims_per_step, self.lr, self.images or 0)
 
     @property
     def name(self):
