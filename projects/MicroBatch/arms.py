@@ -97,9 +97,8 @@ def grid(arms, seeds, ims_per_step, lrs, images=None):
 def best_lr(results, arm, ims_per_step=1, images=None):
     """The learning rate with the highest mean box AP over seeds for `arm`, or None before it has results."""
     by_lr = {}
-    for r in results:
-        if (r["arm"], r["ims_per_step"], r.get("images")) == (arm, ims_per_step, images):
-            by_lr.setdefault(r["lr"], []).append(r["bbox_AP"])
+    for r in _tried(results, arm, ims_per_step, images):
+        by_lr.setdefault(r["lr"], []).append(r["bbox_AP"])
     if not by_lr:
         return None
     return max(by_lr, key=lambda lr: (sum(by_lr[lr]) / len(by_lr[lr]), -lr))
@@ -159,8 +158,10 @@ def large_batch(results):
     return max(LARGE_BATCHES, key=lambda k: _best_mean(results, "BN", k))
 
 
-def _tried(results, arm, ims_per_step):
-    return [r for r in results if (r["arm"], r["ims_per_step"], r.get("images")) == (arm, ims_per_step, None)]
+def _tried(results, arm, ims_per_step, images=None):
+    return [
+        r for r in results if (r["arm"], r["ims_per_step"], r.get("images")) == (arm, ims_per_step, images)
+    ]
 
 
 def _beyond_edge(results, arm, ims_per_step):

@@ -77,18 +77,18 @@ def _cell(values, digits=1):
 
 def paired_differences(results, arm="GN+WS", baseline="GN"):
     """{(ims_per_step, lr): [arm - baseline box AP of the same seed]} where both have the seed (500 images)."""
-    by_key = {
-        (r["arm"], r["ims_per_step"], r["lr"], r["seed"]): r for r in results if images(r) == BASE_BUDGET
-    }
-    pairs = defaultdict(list)
-    for (a, ims, lr, seed), r in sorted(by_key.items()):
-        other = by_key.get((baseline, ims, lr, seed))
-        if a == arm and other:
-            pairs[(ims, lr)].append((seed, r["bbox_AP"] - other["bbox_AP"], r["segm_AP"] - other["segm_AP"]))
-    return dict(pairs)
+    pairs = {}
+    for (a, ims, lr, seen), entries in groups(results).items():
+        if (
+            a == arm
+            and seen == BASE_BUDGET
+            and (matched := paired_by_seed(entries, select(results, baseline, ims, lr)))
+        ):
+            pairs[(ims, lr)] = matched
+    return pairs
 
 
-def paired_at_best(entries, baseline_entries):
+def paired_by_seed(entries, baseline_entries):
     """[(seed, box AP difference, mask AP difference)] of two cells' entries with the same seed."""
     other = {r["seed"]: r for r in baseline_entries}
     return [(r["seed"], r["bbox_AP"] - other[r["seed"]]["bbox_AP"], r["segm_AP"] - other[r["seed"]]["segm_AP"])
@@ -112,11 +112,11 @@ def headline(results):
                     budget,
                     _label(gn_ws),
                     _label(bn),
-                    paired_at_best(gn_ws, bn),
+                    paired_by_seed(gn_ws, bn),
                 )
             )
         if gn_ws and gn:
-            gaps.append((budget, _label(gn_ws), _label(gn), paired_at_best(gn_ws, gn)))
+            gaps.append((budget, _label(gn_ws), _label(gn), paired_by_seed(gn_ws, gn)))
             rows.append(("GN+WS - GN, 1 image", *gaps[-1]))
     if len(gaps) == 2:  # how the gap moved with 4x the images, seed by seed
         (_, *short, before), (_, *long, after) = gaps
