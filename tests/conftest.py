@@ -119,6 +119,12 @@ def load_tool():
     return load
 
 
+@pytest.fixture(scope="session")
+def export_tool(load_tool):
+    """tools/export_model.py as a module: `export_deployable`, `export_stock_model`, `stock_config`."""
+    return load_tool("export_model")
+
+
 @pytest.fixture(autouse=True)
 def fresh_tool_logging():
     """A tool's main() run in-process sets up its loggers on that test's captured streams: undo it afterwards,

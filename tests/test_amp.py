@@ -13,7 +13,6 @@ import ws_d2
 import ws_d2.engine.trainer as trainer_module
 from ws_d2.engine import WSTrainer, check_trainable
 from ws_d2.errors import ConfigError
-from ws_d2.export import export_deployable
 from ws_d2.predictor import DeployedPredictor, WSPredictor
 
 BF16 = ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]
@@ -138,7 +137,9 @@ def bf16_trained(tmp_path_factory, tiny_cfg, tiny_dataset):
     return root / "model_final.pth"
 
 
-def test_export_of_bf16_trained_model_matches_the_fp32_eager_model(tmp_path, tiny_cfg, bf16_trained):
+def test_export_of_bf16_trained_model_matches_the_fp32_eager_model(
+    tmp_path, tiny_cfg, bf16_trained, export_tool
+):
     # its weights stay fp32 (autocast casts per op); the export runs in fp32 as the eager model does
     cfg = tiny_cfg(
         "MODEL.WEIGHTS", str(bf16_trained), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
@@ -149,7 +150,7 @@ def test_export_of_bf16_trained_model_matches_the_fp32_eager_model(tmp_path, tin
     image = np.random.default_rng(0).integers(0, 255, (80, 112, 3), dtype=np.uint8)
     image[20:60, 30:80] = (40, 200, 90)
     expected = WSPredictor(cfg)(image)["instances"]
-    model_file = export_deployable(cfg, str(tmp_path), "torchscript", image)
+    model_file = export_tool.export_deployable(cfg, str(tmp_path), "torchscript", image)
     actual = DeployedPredictor(cfg, model_file)(image)["instances"]
     assert len(expected) > 0 and len(actual) == len(expected)
     # the same W_hat values, fp32 both: equal up to kernel summation order (tests/test_export.py)

@@ -15,7 +15,6 @@ from detectron2.utils.events import EventStorage
 
 import ws_d2
 from ws_d2.data import synthetic_batch
-from ws_d2.export import stock_config
 from ws_d2.layers import WSConv2d
 from ws_d2.modeling import count_bcn, count_ws_convs
 
@@ -208,7 +207,9 @@ def test_every_normed_conv_is_ws_and_the_state_dict_is_the_gn_models(repo_root, 
 
 
 @pytest.mark.parametrize("name", list(FAMILY) + list(FAMILY_BCN))
-def test_family_ws_on_exactly_the_normed_convs_and_the_state_dict_is_the_gn_models(repo_root, name):
+def test_family_ws_on_exactly_the_normed_convs_and_the_state_dict_is_the_gn_models(
+    repo_root, name, export_tool
+):
     """WS on every conv that a norm follows (as many as the GN twin has GroupNorms) and on no other: the plain
     ones are those of FAMILY (see there why). The GN twin and detectron2's stock model (stock_config: its own
     component names) have the same state_dict keys and shapes; a BCN+WS model has BCN wherever GN was."""
@@ -228,7 +229,7 @@ def test_family_ws_on_exactly_the_normed_convs_and_the_state_dict_is_the_gn_mode
         and sum(isinstance(m, torch.nn.GroupNorm) for m in twin.modules()) == expected
     )
     assert shapes(model) == shapes(twin)
-    stock_cfg = stock_config(load(repo_root, name))
+    stock_cfg = export_tool.stock_config(load(repo_root, name))
     try:
         stock = meta_model(stock_cfg)
     except ValueError as e:  # v0.6's RetinaNetHead probes get_norm("GN", 1); detectron2 main builds it

@@ -155,11 +155,9 @@ def test_synthetic_sets_train_and_evaluate(deeplab_ws, repo_root, tmp_path):
     assert 0 <= results["mIoU"] <= 100 and {f"IoU-{c}" for c in deeplab_ws.SEM_SEG_CLASSES} <= set(results)
 
 
-def test_export_refuses_semantic_segmentation(project_cfg, tmp_path):
-    from ws_d2.export import export_deployable
-
+def test_export_refuses_semantic_segmentation(project_cfg, tmp_path, export_tool):
     cfg = tiny_synthetic(project_cfg)
     torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "model.pth")
     cfg.MODEL.WEIGHTS = str(tmp_path / "model.pth")
     with pytest.raises(ConfigError, match="META_ARCHITECTURE=SemanticSegmentor"):
-        export_deployable(cfg, str(tmp_path / "export"), "torchscript")
+        export_tool.export_deployable(cfg, str(tmp_path / "export"), "torchscript")

@@ -1,4 +1,4 @@
-"""TorchScript and ONNX export (ws_d2.export.export_deployable): the exported graphs against the eager GN+WS
+"""TorchScript and ONNX export (tools/export_model.py's export_deployable): the exported graphs against the eager GN+WS
 model at two image sizes and aspect ratios, on an image without detections, and loaded in processes that
 import neither ws_d2 nor detectron2 (onnxruntime alone; torch + torchvision for TorchScript)."""
 
@@ -14,8 +14,7 @@ from detectron2.modeling import build_model
 
 import ws_d2
 from ws_d2.errors import ConfigError
-from ws_d2.export import deployable_inference, export_deployable
-from ws_d2.predictor import DeployedPredictor, WSPredictor, resize_for_model
+from ws_d2.predictor import DeployedPredictor, WSPredictor, deployable_inference, resize_for_model
 
 # Random weights, every detection kept (threshold 0) up to 10 per image, so that there is much to compare.
 KEEP_ALL = [
@@ -57,7 +56,7 @@ def config_with_random_weights(config_file, opts, weights_file, seed=0):
 
 
 @pytest.fixture(scope="module")
-def exported(repo_root, tmp_path_factory):
+def exported(repo_root, tmp_path_factory, export_tool):
     """`exported(name)`: (cfg, {format: file}) of a model of MODELS, exported once per module."""
     done = {}
 
@@ -66,7 +65,10 @@ def exported(repo_root, tmp_path_factory):
             config_file, opts, formats = MODELS[name]
             directory = tmp_path_factory.mktemp(name)
             cfg = config_with_random_weights(str(repo_root / config_file), opts, directory / "weights.pth")
-            done[name] = cfg, {fmt: export_deployable(cfg, str(directory), fmt) for fmt in formats}
+            done[name] = (
+                cfg,
+                {fmt: export_tool.export_deployable(cfg, str(directory), fmt) for fmt in formats},
+            )
         return done[name]
 
     return export
@@ -119,7 +121,7 @@ def test_exported_model_matches_ws_model_at_any_size(exported, name, fmt):
     assert len(resized_shapes) == 2  # the graph ran at two sizes, neither necessarily the traced one
 
 
-def test_image_without_detections(tiny_cfg, tmp_path):
+def test_image_without_detections(tiny_cfg, tmp_path, export_tool):
     """Nothing scores above the threshold: every output is empty, of the right shape, in eager, TorchScript
     and onnxruntime (whose mask head then gets an empty batch)."""
     cfg = tiny_cfg(*KEEP_ALL, freeze=False)
@@ -136,7 +138,9 @@ def test_image_without_detections(tiny_cfg, tmp_path):
     image = image_of_size(64, 80)
     assert len(WSPredictor(cfg)(image)["instances"]) == 0
     for fmt in ("torchscript", "onnx"):
-        instances = DeployedPredictor(cfg, export_deployable(cfg, str(tmp_path), fmt))(image)["instances"]
+        instances = DeployedPredictor(cfg, export_tool.export_deployable(cfg, str(tmp_path), fmt))(image)[
+            "instances"
+        ]
         assert len(instances) == 0 and instances.image_size == (64, 80)
         assert instances.pred_boxes.tensor.shape == (0, 4) and instances.pred_masks.shape == (0, 64, 80)
 
@@ -237,11 +241,11 @@ def test_bcn_model_exports_and_demo_runs_it(load_tool, tiny_config, repo_root, t
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)  # detections were drawn
 
 
-def test_export_refuses_panoptic_fpn(repo_root, tiny_family_opts, tmp_path):
+def test_export_refuses_panoptic_fpn(repo_root, tiny_family_opts, tmp_path, export_tool):
     """The deployed graph's outputs are detections (module docstring): Panoptic FPN's semantic and panoptic
     outputs are not, so it is refused by name, before anything is written."""
     config_file = str(repo_root / "configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_gn_ws_3x.yaml")
     cfg = config_with_random_weights(config_file, tiny_family_opts, tmp_path / "w.pth")
     with pytest.raises(ConfigError, match="^MODEL.META_ARCHITECTURE=PanopticFPN: only detectors"):
-        export_deployable(cfg, str(tmp_path), "onnx")
+        export_tool.export_deployable(cfg, str(tmp_path), "onnx")
     assert not (tmp_path / "model.onnx").exists()

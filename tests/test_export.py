@@ -13,7 +13,6 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
 from ws_d2.errors import CheckpointError, ConfigError
-from ws_d2.export import export_stock_model, stock_config
 from ws_d2.modeling import count_ws_convs
 from ws_d2.predictor import WSPredictor
 
@@ -85,8 +84,8 @@ def test_predictor_names_missing_weights_file(tiny_cfg):
         WSPredictor(tiny_cfg("MODEL.WEIGHTS", "nowhere/model.pth"))
 
 
-def test_stock_config_has_only_detectron2_names_and_keys(tiny_cfg):
-    stock = stock_config(tiny_cfg())
+def test_stock_config_has_only_detectron2_names_and_keys(tiny_cfg, export_tool):
+    stock = export_tool.stock_config(tiny_cfg())
     assert stock.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
     assert stock.MODEL.ROI_BOX_HEAD.NAME == "FastRCNNConvFCHead"
     assert stock.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead"
@@ -96,7 +95,7 @@ def test_stock_config_has_only_detectron2_names_and_keys(tiny_cfg):
     assert stock.MODEL.RESNETS.DEPTH == 18 and stock.MODEL.FPN.NORM == "GN"  # the rest is kept
 
 
-def test_stock_config_refuses_ws_component_without_stock_twin(tiny_cfg):
+def test_stock_config_refuses_ws_component_without_stock_twin(tiny_cfg, export_tool):
     from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 
     from ws_d2.modeling.heads import WSFastRCNNConvFCHead
@@ -107,10 +106,12 @@ def test_stock_config_refuses_ws_component_without_stock_twin(tiny_cfg):
     if "UnmappedWSHead" not in ROI_BOX_HEAD_REGISTRY:
         ROI_BOX_HEAD_REGISTRY.register(UnmappedWSHead)
     with pytest.raises(ConfigError, match="UnmappedWSHead is a ws_d2 component"):
-        stock_config(tiny_cfg("MODEL.ROI_BOX_HEAD.NAME", "UnmappedWSHead"))
+        export_tool.stock_config(tiny_cfg("MODEL.ROI_BOX_HEAD.NAME", "UnmappedWSHead"))
     # nor has Batch-Channel Normalization
     with pytest.raises(ConfigError, match="no Batch-Channel Normalization layer"):
-        stock_config(tiny_cfg("MODEL.BCN.ENABLED", "True", "MODEL.WS.FORMULA", "sqrt_var_plus_eps"))
+        export_tool.stock_config(
+            tiny_cfg("MODEL.BCN.ENABLED", "True", "MODEL.WS.FORMULA", "sqrt_var_plus_eps")
+        )
 
 
 # Runs with detectron2 alone. detectron2 v0.6 does not import on today's numpy/Pillow without ws_d2's
@@ -145,9 +146,11 @@ STOCK_DEPLOYMENT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_stock_gn_model_from_export_matches_without_ws_d2(trained_cfg, tmp_path, repo_root):
+def test_stock_gn_model_from_export_matches_without_ws_d2(trained_cfg, tmp_path, repo_root, export_tool):
     cfg = trained_cfg()
-    checkpoint, config_file = export_stock_model(cfg, str(tmp_path / "export" / "model_stock.pth"))
+    checkpoint, config_file = export_tool.export_stock_model(
+        cfg, str(tmp_path / "export" / "model_stock.pth")
+    )
     assert config_file == str(tmp_path / "export" / "model_stock.yaml")
     text = open(config_file).read()
     assert not [name for name in ("WS:", "build_ws", "WSFast", "WSMask") if name in text]

@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,21 +29,33 @@ import ws_d2  # noqa: F401  (its detectron2 fixes and registrations come before 
 from detectron2.modeling import build_model
 
 from ws_d2.config import load_config
-from ws_d2.errors import command_line
-from ws_d2.export import deployable_inference, export_deployable
+from ws_d2.errors import WSD2Error, command_line
 from ws_d2.files import atomic_write
 from ws_d2.model_zoo import get_config_file
 from ws_d2.modeling import fold_ws
+from ws_d2.predictor import deployable_inference
 
 DEFAULT_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_gn_ws_2x.yaml"
 VARIANTS = ("eager_ws", "eager_folded", "torchscript", "onnxruntime")
 
 
-def variant_calls(cfg, model, directory, size):
+def export(cfg, directory):
+    """{format: file} written by tools/export_model.py, as a user runs it, from `cfg` saved in `directory`."""
+    config_file = os.path.join(directory, "config.yaml")
+    with open(config_file, "w") as f:
+        f.write(cfg.dump())
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_model.py")
+    for fmt in ("torchscript", "onnx"):
+        command = [sys.executable, tool, "--config-file", config_file, "--format", fmt, "--output", directory]
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode:
+            raise WSD2Error(f"tools/export_model.py could not export to {fmt} (its error above)")
+    return {"torchscript": os.path.join(directory, "model.ts"), "onnx": os.path.join(directory, "model.onnx")}
+
+
+def variant_calls(model, files, size):
     """{variant: a call computing the detections of one random uint8 BGR image, size x 4/3 size}."""
     image = np.random.default_rng(0).integers(0, 256, (size, round(size * 4 / 3), 3), dtype=np.uint8)
     tensor = torch.from_numpy(image)
-    files = {fmt: export_deployable(cfg, directory, fmt, image) for fmt in ("torchscript", "onnx")}
     folded = fold_ws(copy.deepcopy(model))
     scripted = torch.jit.load(files["torchscript"])
     options = onnxruntime.SessionOptions()
@@ -81,8 +94,9 @@ def run_benchmark(args, log=print):
     with tempfile.TemporaryDirectory() as tmp:
         cfg.MODEL.WEIGHTS = os.path.join(tmp, "weights.pth")
         torch.save({"model": model.state_dict()}, cfg.MODEL.WEIGHTS)
+        files = export(cfg, tmp)  # the graph does not depend on the image it was traced on
         for size in args.sizes:
-            calls = variant_calls(cfg, model, tmp, size)
+            calls = variant_calls(model, files, size)
             with torch.no_grad():
                 samples = time_alternating(calls, args.rounds, args.warmup)
             base = statistics.median(samples["eager_ws"])

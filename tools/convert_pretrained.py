@@ -15,16 +15,19 @@ Exit status: 0 converted, 1 refused (the message names the keys), 2 usage error.
 
 import argparse
 import os
+import pickle
 import re
 import sys
+
+import torch
 
 import ws_d2
 
 # isort: split
-from ws_d2.checkpoint import SOURCES, convert_state_dict, load_checkpoint_file, meta_model, save_converted
+from ws_d2.checkpoint import SOURCES, convert_state_dict, load_checkpoint_file, meta_model
 from ws_d2.checkpoint.layouts import common_prefix, detect_layout, unwrap_state_dict
 from ws_d2.errors import CheckpointError, ConfigError, command_line
-from ws_d2.files import refuse_output_onto_inputs
+from ws_d2.files import atomic_write, refuse_output_onto_inputs
 from ws_d2.model_zoo import get_config_file
 
 DEPTH_OF_BLOCKS = {
@@ -90,6 +93,20 @@ def seed_config_file(checkpoint, source):
         raise CheckpointError(
             f"no ws_d2 seed config {name} for this {architecture} file: pass --config-file"
         ) from None
+
+
+def save_converted(state_dict, path):
+    """Write ``{"model": ..., "__author__": "ws_d2", "matching_heuristics": False}`` (exact names: detectron2
+    must not rename anything) as ``.pkl`` (numpy arrays) or ``.pth`` (tensors), atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    pkl = os.fspath(path).endswith(".pkl")
+    data = {"model": {k: v.numpy() for k, v in tensors.items()} if pkl else tensors}
+    data.update(__author__="ws_d2", matching_heuristics=False)
+    with atomic_write(path) as f:
+        if pkl:
+            pickle.dump(data, f, protocol=4)
+        else:
+            torch.save(data, f)
 
 
 def convert(src, dst, source="auto", config_file=None):

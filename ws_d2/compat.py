@@ -1,8 +1,5 @@
-"""What older detectron2 builds (above all the v0.6 PyPI drop, without compiled ops) need on today's libraries.
-
-Each patch checks the installed detectron2 for the feature (never a version), reaches only the detectron2 modules
-that need it, and names the upstream change that retires it; `import ws_d2` runs `apply_all()`.
-"""
+"""What older detectron2 builds (v0.6's PyPI drop, without compiled ops) need on today's libraries: each patch
+checks detectron2's source for the feature (never a version) and names the upstream change that retires it."""
 
 import builtins
 import importlib.util
@@ -34,7 +31,7 @@ def _find_spec(name):
 
 
 def _source(path):
-    """The text of detectron2's file `path` (e.g. "data/build.py"), read without importing it; "" if absent."""
+    """The text of detectron2's file `path` (e.g. "data/build.py"), not imported; "" if absent."""
     spec = _find_spec("detectron2")
     try:
         with open(os.path.join(spec.submodule_search_locations[0], path), encoding="utf-8") as f:
@@ -44,7 +41,6 @@ def _source(path):
 
 
 def _import_while(module_name, namespace, key, value):
-    """Import `module_name` while `namespace[key]` is `value`, and take it away again afterwards."""
     namespace[key] = value
     try:
         importlib.import_module(module_name)
@@ -57,8 +53,8 @@ LAUNCH_STARTS_GLOO = "gloo" in _source("engine/launch.py").lower()
 
 
 def import_transforms_with_pillow_linear():
-    # Pillow >= 10 removed Image.LINEAR, a default argument in v0.6's data/transforms/transform.py: it exists only
-    # while that module is imported. Retired by detectron2 commit ff53992 (Image.LINEAR -> Image.BILINEAR).
+    # Pillow >= 10 removed Image.LINEAR, a default argument in v0.6's transform.py: it exists only while that
+    # module imports. Retired by detectron2 commit ff53992 (Image.LINEAR -> Image.BILINEAR).
     from PIL import Image
 
     if hasattr(Image, "LINEAR") or "Image.LINEAR" not in _source("data/transforms/transform.py"):
@@ -73,8 +69,8 @@ NUMPY_ALIAS_USERS = ("data/build.py", "data/datasets/pascal_voc.py", "evaluation
 
 
 def give_numpy_aliases_to_detectron2():
-    # numpy >= 1.24 removed np.int/np.float/np.str (np.bool until 2.0), which v0.6 calls in these modules: each
-    # gets a view of numpy that has them, numpy stays as it is. Retired by detectron2 PR #4975 (numpy aliases).
+    # numpy >= 1.24 removed np.int/float/str (np.bool until 2.0), which v0.6 calls: those modules get a view
+    # of numpy with them, numpy stays as it is. Retired by detectron2 PR #4975 (numpy aliases).
     import re
 
     import numpy
@@ -93,8 +89,8 @@ def give_numpy_aliases_to_detectron2():
 
 
 def import_model_zoo_with_pkg_resources():
-    # setuptools >= 81 removed pkg_resources; detectron2's model_zoo imports it (main too): a stand-in is in
-    # sys.modules only while model_zoo imports. Retired by detectron2 PR #5484 (importlib.resources instead).
+    # setuptools >= 81 removed pkg_resources, which model_zoo imports (main too): a stand-in only while it
+    # imports. Retired by detectron2 PR #5484 (importlib.resources instead).
     import importlib.resources
 
     if _find_spec("pkg_resources") or "import pkg_resources" not in _source("model_zoo/model_zoo.py"):
@@ -106,9 +102,8 @@ def import_model_zoo_with_pkg_resources():
 
 
 def stand_in_for_compiled_ops():
-    # deform_conv, rotated_boxes, roi_align_rotated and fast_eval_api import detectron2._C at import time: a
-    # stand-in imports, and names the missing op when one is called. Retired by a build with the compiled
-    # extension (those imports are still unconditional upstream).
+    # several modules import detectron2._C at import time: a stand-in that names a missing op when called.
+    # Retired by a build with the compiled extension (those imports are still unconditional upstream).
     if HAS_COMPILED_OPS or "detectron2._C" in sys.modules:
         return False
     import detectron2
@@ -131,8 +126,7 @@ def stand_in_for_compiled_ops():
 
 
 def name_missing_nms_rotated():
-    # layers/nms.py calls torch.ops.detectron2.nms_rotated, which only the compiled extension registers.
-    # Retired, like the stand-in above, by a build with the compiled extension.
+    # layers/nms.py calls torch.ops.detectron2.nms_rotated, which only the compiled extension registers
     if HAS_COMPILED_OPS:
         return False
     import detectron2.layers
@@ -144,8 +138,8 @@ def name_missing_nms_rotated():
 
 
 def use_faster_coco_eval():
-    # COCOEvaluator's fast path (its default) is detectron2._C's COCOeval; without it, faster-coco-eval's C++ one
-    # (pycocotools' figures, tests/test_coco_eval.py), else pycocotools'. Retired by a build with _C.
+    # COCOEvaluator's default fast path is detectron2._C's COCOeval; else faster-coco-eval's (pycocotools'
+    # figures, docs/EVALUATION.md), else pycocotools'. Retired by a build with _C.
     if HAS_COMPILED_OPS:
         return False
     from detectron2.evaluation import coco_evaluation
@@ -159,9 +153,8 @@ def use_faster_coco_eval():
 
 
 def filter_meshgrid_notice():
-    # detectron2's anchor generator calls torch.meshgrid without `indexing` and relies on its default ("ij"); torch
-    # attributes the notice to torch.functional, so that module and the message are the filter's scope.
-    # Retired when detectron2 passes indexing="ij".
+    # the anchor generator relies on torch.meshgrid's default indexing ("ij"); the notice is attributed to
+    # torch.functional, the filter's scope. Retired when detectron2 passes indexing="ij".
     message = r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing argument"
     if "indexing" in _source("modeling/anchor_generator.py"):
         return False
@@ -170,9 +163,8 @@ def filter_meshgrid_notice():
 
 
 def import_export_without_caffe2():
-    # v0.6's export/__init__.py imports its Caffe2 exporter (export/api.py) unconditionally, and torch no longer
-    # ships caffe2: the package is made without that __init__, with the names that need no caffe2.
-    # Retired by detectron2's later export/__init__.py, which imports .api only when caffe2 imports (main).
+    # v0.6's export/__init__.py imports its Caffe2 exporter, and torch no longer ships caffe2: the package is
+    # made with the names that need none. Retired by main's export/__init__.py (.api only if caffe2 imports).
     if "detectron2.export" in sys.modules:
         return False
     try:
@@ -196,8 +188,8 @@ def import_export_without_caffe2():
 
 
 def skip_scale_gradient_when_tracing():
-    # v0.6's CascadeROIHeads applies _ScaleGradient, a Python autograd Function that a saved trace cannot hold,
-    # at inference too. Retired by detectron2 main's cascade_rcnn.py, which applies it only `if self.training`.
+    # v0.6's CascadeROIHeads applies _ScaleGradient (a Python autograd Function a trace cannot hold) at
+    # inference too. Retired by main's cascade_rcnn.py: only `if self.training`.
     source = _source("modeling/roi_heads/cascade_rcnn.py")
     if "if self.training:\n            box_features = _ScaleGradient" in source:
         return False
@@ -212,8 +204,8 @@ def skip_scale_gradient_when_tracing():
 
 
 def clamp_candidates_when_tracing():
-    # v0.6's DenseDetector (RetinaNet) caps each level's candidates with min(1000, count), which a trace freezes:
-    # where the traced image had fewer, the graph has no cap. Retired by detectron2 PR #4835 (torch.clamp).
+    # v0.6's DenseDetector caps each level's candidates with min(1000, count), which a trace freezes (no cap
+    # where the traced image had fewer). Retired by detectron2 PR #4835 (torch.clamp).
     if "min(topk_candidates, topk_idxs.size(0))" not in _source("modeling/meta_arch/dense_detector.py"):
         return False
     import torch
@@ -243,8 +235,7 @@ PATCHES = [
 def apply_all():
     """Apply every patch the installed detectron2 needs, each once; returns the names of those applied."""
     with warnings.catch_warnings():
-        # fvcore.nn and detectron2's box_regression apply torch.jit.script at import time, which torch >= 2.10
-        # answers with a FutureWarning each. Retired when they stop scripting at import (not yet upstream).
+        # torch >= 2.10 warns at fvcore's and box_regression's import-time torch.jit.script (not yet fixed)
         warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
         applied = [patch.__name__ for patch in PATCHES if patch()]
         importlib.import_module("detectron2.modeling")
@@ -254,12 +245,9 @@ def apply_all():
     return list(APPLIED)
 
 
-# Not applied at import: a stand-in for what detectron2 v0.6 lacks, used by ws_d2.engine.launch where it does.
-
-
 def create_local_process_group(num_workers_per_machine):
-    """The per-machine process groups that `comm.get_local_rank/size` read (every rank creates every group, in
-    order); v0.6 creates them only inside its CUDA launcher. Retired by `comm.create_local_process_group`."""
+    """For ws_d2.engine.launch (not applied at import): the per-machine groups comm.get_local_rank/size read,
+    made by every rank (v0.6: only in its CUDA launcher). Retired by comm.create_local_process_group."""
     import torch.distributed as dist
     from detectron2.utils import comm
 

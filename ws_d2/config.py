@@ -13,14 +13,12 @@ __all__ = ["add_ws_config", "check_device", "get_ws_cfg", "load_config"]
 
 
 def add_ws_config(cfg):
-    """Add ws_d2's keys to `cfg` in place (never to detectron2's global defaults); a config that has them
-    already keeps its values."""
+    """Add ws_d2's keys to `cfg` in place (never to detectron2's global defaults), keeping any already set."""
     if "WS" in cfg.MODEL:
         return cfg
     cfg.MODEL.WS = CN()
     cfg.MODEL.WS.ENABLED = True  # False: the GN twin, with the same parameters and state_dict keys
-    # added to the unbiased std outside the root, as the published checkpoints were trained
-    cfg.MODEL.WS.EPS = 1e-5
+    cfg.MODEL.WS.EPS = 1e-5  # added to the unbiased std outside the root, as in the published weights
     cfg.MODEL.WS.FORMULA = "std_plus_eps"  # sqrt_var_plus_eps: the authors' BCN+WS weights (docs/BCN.md)
     cfg.MODEL.WS.MODE = "standardize"  # or one of the paper's ablations (docs/WS.md#the-papers-ws-variants)
     cfg.MODEL.BCN = CN()
@@ -28,11 +26,9 @@ def add_ws_config(cfg):
     cfg.MODEL.BCN.ESTIMATE = True  # EstBN's estimated statistics, for micro-batches; False: BatchNorm2d
     cfg.MODEL.BCN.GROUPS = 32  # of the channel step and the per-group affine, as the authors'
     cfg.MODEL.BCN.MIN_MOVING_SPEED = 0.01  # EstBN's r = max(1 / (t + 1), this): ws_d2.layers.moving_speed
-    # IMS_PER_BATCH stays the images per optimizer step, run as ITER_SIZE forward/backward passes
-    cfg.SOLVER.ITER_SIZE = 1
+    cfg.SOLVER.ITER_SIZE = 1  # forward/backward passes per step of IMS_PER_BATCH images
     cfg.SOLVER.AMP.PRECISION = "float16"  # d2go's key; bfloat16 (CUDA, CPU) has fp32's range: no GradScaler
-    # True: detectron2's compiled COCOeval or, without it, faster-coco-eval (the same figures); False: pycocotools
-    cfg.TEST.FAST_COCO_EVAL = True
+    cfg.TEST.FAST_COCO_EVAL = True  # detectron2's fast COCOeval (docs/EVALUATION.md); False: pycocotools'
     return cfg
 
 
@@ -42,9 +38,8 @@ def get_ws_cfg():
 
 
 def load_config(config_file, opts=(), freeze=True, defaults=None):
-    """ws_d2's defaults (or `defaults`, e.g. with a project's keys added), then `config_file`, then the
-    `KEY VALUE` overrides in `opts`; a missing or unreadable file, an unknown key or a bad value raises
-    ConfigError in one line naming it."""
+    """ws_d2's defaults (or `defaults`, e.g. with a project's keys), then `config_file`, then the `opts`
+    overrides (KEY VALUE ...); a bad file, key or value raises ConfigError in one line naming it."""
     cfg = get_ws_cfg() if defaults is None else defaults.clone()
     if config_file:
         if not os.path.isfile(config_file):

@@ -12,8 +12,7 @@ class WSD2Error(Exception):
 
 
 class ConfigError(WSD2Error, ValueError):
-    """A config that cannot run as given: missing or unreadable file, unknown key, a batch that does not
-    divide, a setting the device cannot run."""
+    """A config that cannot run as given: bad file or key, a batch that does not divide, a missing device."""
 
 
 class DatasetError(WSD2Error, ValueError):

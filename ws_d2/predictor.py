@@ -1,5 +1,5 @@
-"""Inference: detectron2's DefaultPredictor with safely loaded weights, the same for an exported graph, and
-their predictions drawn."""
+"""Inference: detectron2's DefaultPredictor with safely loaded weights; what an exported graph computes and its
+runner; their predictions drawn."""
 
 import contextlib
 import json
@@ -24,7 +24,13 @@ from .errors import ConfigError, one_line
 from .files import require_weights_file
 from .modeling import fold_ws
 
-__all__ = ["DeployedPredictor", "VisualizationDemo", "WSPredictor", "resize_for_model"]
+__all__ = [
+    "DeployedPredictor",
+    "VisualizationDemo",
+    "WSPredictor",
+    "deployable_inference",
+    "resize_for_model",
+]
 
 DEPLOYED_INPUT = "image"  # the exported graph's input and outputs (docs/DEMO_AND_EXPORT.md)
 DEPLOYED_OUTPUTS = ("boxes", "scores", "classes", "masks")  # "masks" for mask models only
@@ -40,6 +46,22 @@ def score_threshold(cfg):
     """The score a detection must exceed: RetinaNet's own key, or R-CNN's."""
     dense = issubclass(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), RetinaNet)
     return (cfg.MODEL.RETINANET if dense else cfg.MODEL.ROI_HEADS).SCORE_THRESH_TEST
+
+
+def deployable_inference(model, image):
+    """What the exported graph computes from a resized BGR uint8 image, as a tuple of tensors: R-CNN's stops before
+    its postprocessing (mask pasting is not traceable), as detectron2's own export does; RetinaNet's only clips."""
+    chw = image.permute(2, 0, 1).float()
+    if model.input_format == "RGB":
+        chw = chw.flip(0)
+    if isinstance(model, RetinaNet):
+        instances = model([{"image": chw}])[0]["instances"]
+    else:
+        instances = model.inference([{"image": chw}], do_postprocess=False)[0]
+    outputs = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
+    if instances.has("pred_masks"):
+        outputs += (instances.pred_masks[:, 0],)  # N x 1 x M x M -> N x M x M
+    return outputs
 
 
 def _test_metadata(cfg):

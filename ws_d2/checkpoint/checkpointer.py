@@ -14,8 +14,7 @@ from .safe_load import load_checkpoint_file
 
 
 class _AtomicWritesPathManager:
-    """A path manager whose writes of local files go through ``atomic_write``: fvcore's ``save`` and
-    ``tag_last_checkpoint`` write through ``path_manager.open``, so both become atomic unchanged."""
+    """Local writes via ``atomic_write``: fvcore's ``save`` and ``tag_last_checkpoint`` write through it."""
 
     def __init__(self, path_manager):
         self._path_manager = path_manager
@@ -30,8 +29,7 @@ class _AtomicWritesPathManager:
 
 
 class WSCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer's constructor and loading rules; a URL is downloaded once into detectron2's file
-    cache, a file in a published layout is converted in memory, an unreadable one raises CheckpointError."""
+    """DetectionCheckpointer that downloads a URL once and converts a published layout in memory."""
 
     def __init__(self, model, save_dir="", **kwargs):
         super().__init__(model, save_dir, **kwargs)

@@ -1,17 +1,12 @@
-"""Published GN+WS and BCN+WS checkpoints (layouts: `layouts.py`, docs/CONVERSION.md) -> the state_dict of a
-given ws_d2 model; every tensor is checked by name and shape, a mismatch raises CheckpointError naming the keys.
-"""
+"""Published checkpoints (docs/CONVERSION.md) -> a ws_d2 model's state_dict, checked by name and shape."""
 
 import dataclasses
-import os
-import pickle
 
 import torch
 from detectron2.modeling import build_model
 from fvcore.common.checkpoint import get_missing_parameters_message
 
 from ..errors import CheckpointError
-from ..files import atomic_write
 from ..layers import BatchChannelNorm, WSConv2d
 from .layouts import (
     BCN_RESNET_RULES,
@@ -148,17 +143,3 @@ def _checked(state_dict, rules, source_prefix, source, target, target_shapes, sc
     if problems:
         raise CheckpointError(f"{source} checkpoint does not fit {target}: " + "; ".join(problems))
     return renamed, ConversionReport(source, target, len(renamed), dropped, not_converted)
-
-
-def save_converted(state_dict, path):
-    """Write ``{"model": ..., "__author__": "ws_d2", "matching_heuristics": False}`` (exact names: detectron2
-    must not rename anything) as ``.pkl`` (numpy arrays) or ``.pth`` (tensors), atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    pkl = os.fspath(path).endswith(".pkl")
-    data = {"model": {k: v.numpy() for k, v in tensors.items()} if pkl else tensors}
-    data.update(__author__="ws_d2", matching_heuristics=False)
-    with atomic_write(path) as f:
-        if pkl:
-            pickle.dump(data, f, protocol=4)
-        else:
-            torch.save(data, f)

@@ -1,8 +1,5 @@
-"""Rename-rule tables from published GN+WS and BCN+WS checkpoint layouts (docs/CONVERSION.md) to ws_d2 names.
-
-Each table is a list of ``(source regex, target template or None, why)``: a template is filled from the regex's
-named groups and the derived indices below, ``None`` drops the key for ``why``; unmatched keys are reported.
-"""
+"""Rename rules from published checkpoint layouts (docs/CONVERSION.md) to ws_d2 names, each ``(source regex,
+target template filled from the regex's groups or None to drop the key, why it is dropped)``."""
 
 import re
 
@@ -30,13 +27,10 @@ def _resnet_rules(norm, norm_params):
     ]
 
 
-# torchvision-style ResNet (the authors' ImageNet files, MMDetection's re-hosted copies, torchvision itself)
-# -> detectron2 ResNet. The authors name their GroupNorms bn*, MMDetection names them gn*; running statistics
-# only exist in BatchNorm files.
+# the authors' ImageNet files (GroupNorms bn*), MMDetection's copies (gn*), torchvision's (BatchNorm)
 RESNET_RULES = _resnet_rules("[bg]n", [(r"(?P<param>weight|bias|running_mean|running_var)", "{param}")])
 
-# The authors' ImageNet BCN+WS ResNet/ResNeXt (rn50_bcn_ws.pth, ...) -> detectron2 ResNet with MODEL.BCN. Each
-# norm is a BCNorm: a per-group affine `weight`/`bias` (1, 32, 1) and its batch step, a BatchNorm2d `pbn`.
+# the authors' BCN+WS files: each norm is a per-group affine `weight`/`bias` and its BatchNorm2d `pbn`
 BCN_RESNET_RULES = _resnet_rules(
     "bn",
     [
@@ -45,9 +39,7 @@ BCN_RESNET_RULES = _resnet_rules(
     ],
 ) + [(r".*estbn_moving_speed", None, "EstBN moving speed: ws_d2 sets it every training pass (MODEL.BCN)")]
 
-# MMDetection (v2 layout) Faster/Mask R-CNN with FPN, 4conv1fc box head and 4-conv mask head -> detectron2
-# GeneralizedRCNN. Class, anchor and box-delta orders coincide (background last, ratios 0.5/1/2, per-class
-# dx,dy,dw,dh), so this is a pure renaming. One rule per line: the table reads as a table.
+# MMDetection's (v2) Faster/Mask R-CNN: a pure renaming (the orders coincide). One rule per line, as a table.
 _CONV_MODULE = r"(?:conv\.weight|gn\.(?P<param>weight|bias))"  # mmcv ConvModule: .conv + .gn
 _P = r"(?P<p>weight|bias)"
 # fmt: off
@@ -109,8 +101,7 @@ def rename(state_dict, rules, prefix=""):
 
 
 def unwrap_state_dict(checkpoint):
-    """The state_dict inside a loaded file: MMDetection keeps it under 'state_dict' (next to 'meta');
-    the authors' and torchvision's files are a bare state_dict."""
+    """The state_dict inside a loaded file: MMDetection's is under 'state_dict', the others' bare."""
     if isinstance(checkpoint.get("state_dict"), dict):
         return checkpoint["state_dict"]
     return checkpoint

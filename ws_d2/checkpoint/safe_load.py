@@ -1,9 +1,4 @@
-"""Read checkpoint files without running code from them: a pickle can have any importable callable called.
-
-``.pkl`` files go through an unpickler that admits only plain containers, numbers, strings and numpy arrays;
-everything else through ``torch.load(weights_only=True)`` with the same numpy globals. A refused global raises
-``UnsafeCheckpointError``, a missing, truncated or corrupt file ``CheckpointError``, in one line naming the file.
-"""
+"""Read checkpoint files without running code from them (docs/CONVERSION.md#checkpoints-are-untrusted)."""
 
 import _codecs
 import collections

@@ -1,6 +1,4 @@
-"""COCO-format data sets whose records (image files by their headers, boxes, categories) are checked when
-loaded, before any training step; a passed image check is remembered per data set version (`_marker`).
-"""
+"""COCO-format data sets whose records are checked when loaded, before training starts (docs/BAD_INPUT.md)."""
 
 import contextlib
 import functools
@@ -43,7 +41,7 @@ def register_coco_dataset(name, json_file, image_root, image_check="once"):
 
 
 def load_checked_coco(json_file, image_root, name=None, image_check="once"):
-    """detectron2's `load_coco_json`, with every record checked (module docstring)."""
+    """detectron2's `load_coco_json`, each record's boxes, categories and image file (header) checked."""
     try:
         with gc_paused():
             dicts = load_coco_json(json_file, image_root, name)
@@ -55,10 +53,7 @@ def load_checked_coco(json_file, image_root, name=None, image_check="once"):
         for annotation in record.get("annotations", ()):
             box = annotation.get("bbox")
             if box is not None and (len(box) != 4 or box[2] < 0 or box[3] < 0):
-                raise DatasetError(
-                    f"{json_file}: annotation id {_annotation_id(json_file, record['image_id'], box)} (image id "
-                    f"{record['image_id']}): bbox {box} is not [x, y, width, height] with width, height >= 0"
-                )
+                raise _named_record_error(json_file, None, record["image_id"], box)
     if image_check != "never":
         _check_images(json_file, image_root, dicts, image_check == "always")
     return dicts
@@ -66,8 +61,7 @@ def load_checked_coco(json_file, image_root, name=None, image_check="once"):
 
 @contextlib.contextmanager
 def gc_paused():
-    """Without the cyclic garbage collector: a COCO set's millions of new dicts and lists (no cycles, freed by
-    reference counting) would make it traverse them over and over, most of the load's time at COCO scale."""
+    """Pause the cyclic GC: it would traverse a COCO set's millions of new (acyclic) objects over and over."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -75,15 +69,6 @@ def gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _annotation_id(json_file, image_id, box):
-    # detectron2's records drop annotation ids: keeping them costs every load, so a bad box's id is looked up
-    with open(json_file) as f:
-        annotations = json.load(f)["annotations"]
-    return next(
-        (a.get("id") for a in annotations if a["image_id"] == image_id and a.get("bbox") == box), None
-    )
 
 
 def _check_images(json_file, image_root, dicts, always):
@@ -163,11 +148,18 @@ def _marker(json_file, image_root, rank, world):
     return os.path.join(cache, "checked_images", f"{key}-{rank}of{world}.json")
 
 
-def _named_record_error(json_file, error):
-    """What load_coco_json refused, in one line naming the record: the file is read again to find it."""
+def _named_record_error(json_file, error, image_id=None, box=None):
+    """What load_coco_json refused (`error`), or a bad `box`, in one line naming the record: detectron2's
+    records drop annotation ids (keeping them would cost every load), so the file is read again to find it."""
+    with open(json_file) as f:
+        content = json.load(f)
+    if box is not None:
+        found = (a for a in content["annotations"] if a["image_id"] == image_id and a.get("bbox") == box)
+        return DatasetError(
+            f"{json_file}: annotation id {next(found, {}).get('id')} (image id {image_id}): bbox {box} "
+            "is not [x, y, width, height] with width, height >= 0"
+        )
     try:
-        with open(json_file) as f:
-            content = json.load(f)
         missing = [key for key in ("images", "annotations", "categories") if key not in content]
         if missing:
             return DatasetError(f"{json_file} is not a COCO instances file: it lacks {', '.join(missing)}")
@@ -184,15 +176,14 @@ def _named_record_error(json_file, error):
 
 
 def check_datasets(cfg, train=True):
-    """Check that every data set the config uses (TEST, and TRAIN if `train`) is registered, present on disk
-    and, once its classes are known (set when it is loaded), has MODEL.ROI_HEADS.NUM_CLASSES of them."""
+    """check_dataset_names for the config's TEST (and TRAIN if `train`) data sets and NUM_CLASSES."""
     names = (*(cfg.DATASETS.TRAIN if train else ()), *cfg.DATASETS.TEST)
     check_dataset_names(names, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
 def check_dataset_names(names, num_classes, num_classes_key="MODEL.ROI_HEADS.NUM_CLASSES"):
-    """check_datasets for data set `names` and a model of `num_classes` classes (config key `num_classes_key`;
-    None: any number)."""
+    """Refuse a data set that is not registered, missing on disk or, once its classes are known (when loaded),
+    has not `num_classes` (config key `num_classes_key`; None: any number)."""
     for name in names:
         if name not in DatasetCatalog.list():
             raise DatasetError(

@@ -1,10 +1,5 @@
-"""A small deterministic COCO-format instance-segmentation set of shapes, made in seconds from a seed.
-
-`ws_d2_synthetic_train` and `_val` are registered on `import ws_d2` at `$WS_D2_DATASETS/ws_d2_synthetic`
-(default `datasets/`, relative to the working directory, like detectron2's DETECTRON2_DATASETS), and with
-them `ws_d2_synthetic_{train,val}_panoptic_separated`: detectron2's "separated" panoptic format (as its
-`coco_2017_*_panoptic_separated`), the instances plus a stuff label map per image (0 all things, 1 background).
-"""
+"""A small deterministic COCO-format instance-segmentation set of shapes, made in seconds from a seed, and its
+panoptic-separated variant (docs/TRAINING.md)."""
 
 import json
 import math
@@ -33,12 +28,10 @@ def default_synthetic_root():
     return os.path.join(os.environ.get("WS_D2_DATASETS", "datasets"), "ws_d2_synthetic")
 
 
-def _annotation_file(root, split):
-    return os.path.join(root, "annotations", f"instances_{split}.json")
-
-
-def _stuff_dir(root, split):
-    return os.path.join(root, f"panoptic_stuff_{split}")
+def _split_paths(root, split):
+    """(COCO JSON, image folder, stuff label map folder) of a split."""
+    json_file = os.path.join(root, "annotations", f"instances_{split}.json")
+    return json_file, os.path.join(root, split), os.path.join(root, f"panoptic_stuff_{split}")
 
 
 def _background(rng, size):
@@ -111,7 +104,7 @@ def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objec
     ]
     written = {}
     for split, count in splits.items():
-        json_file, image_dir = _annotation_file(root, split), os.path.join(root, split)
+        json_file, image_dir, _ = _split_paths(root, split)
         written[split] = (json_file, image_dir)
         # a split not listed gets an offset from its name: stable across processes, unlike hash()
         offset = SYNTHETIC_SPLITS.get(split, (0, zlib.crc32(split.encode()) % 1_000_000))[1]
@@ -135,17 +128,15 @@ def generate_synthetic_dataset(root=None, splits=None, image_size=128, max_objec
         content = {"info": info, "images": images, "annotations": annotations, "categories": categories}
         with atomic_write(json_file, "w") as f:  # the JSON marks a complete split
             json.dump(content, f)
-    for split, (json_file, _) in written.items():  # the panoptic-separated variant's stuff labels
-        write_label_maps(
-            json_file, _stuff_dir(root, split), dict.fromkeys(SYNTHETIC_CLASSES, 0), background=1
-        )
+    for split in written:  # the panoptic-separated variant's stuff labels
+        json_file, _, stuff_dir = _split_paths(root, split)
+        write_label_maps(json_file, stuff_dir, dict.fromkeys(SYNTHETIC_CLASSES, 0), background=1)
     return written
 
 
 def write_label_maps(json_file, label_dir, labels, background):
     """One PNG label map per image of a synthetic split's COCO file, in `label_dir`: each shape's polygon
-    filled with `labels[its class name]`, every other pixel `background`. Maps made from the same split with
-    the same labels are kept. Returns `label_dir`."""
+    filled with `labels[its class name]`, every other pixel `background`; maps already made are kept."""
     with open(json_file) as f:
         content = json.load(f)
     marker = os.path.join(label_dir, "info.json")
@@ -178,8 +169,7 @@ def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple
     names = []
     for split in splits:
         name, panoptic = f"{prefix}_{split}", f"{prefix}_{split}_panoptic_separated"
-        json_file, image_dir = _annotation_file(root, split), os.path.join(root, split)
-        stuff_dir = _stuff_dir(root, split)
+        json_file, image_dir, stuff_dir = _split_paths(root, split)
         for registered in {name, panoptic} & set(DatasetCatalog.list()):
             DatasetCatalog.remove(registered)
             MetadataCatalog.remove(registered)
@@ -201,9 +191,8 @@ def register_synthetic_dataset(root=None, prefix="ws_d2_synthetic", splits=tuple
 
 
 def synthetic_batch(cfg, size: int, batch: int, seed: int = 0, training: bool = True):
-    """detectron2 input dicts: `batch` random RGB uint8 images of size x 4/3 size. For training, each has as
-    many random gt boxes (and diamond masks; for Panoptic FPN a random class map) as the RoI sampler's
-    foreground quota, so that every step does the same work whatever the model's weights predict."""
+    """detectron2 input dicts: `batch` random RGB images of size x 4/3 size; for training, each with as many
+    random gt instances as the RoI sampler's foreground quota, so that every step does the same work."""
     generator = torch.Generator().manual_seed(seed)
     height, width = size, round(size * 4 / 3)
     roi_heads = cfg.MODEL.ROI_HEADS

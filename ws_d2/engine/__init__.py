@@ -1,5 +1,4 @@
-"""Training for ws_d2: detectron2's DefaultTrainer with micro-batches, CPU/Gloo and torchrun launching, COCO
-evaluation and safe, atomic checkpoints."""
+"""Training: detectron2's DefaultTrainer with micro-batches, and CPU/Gloo and torchrun launching."""
 
 from .launch import WorkerDied, launch, launched_by_torchrun
 from .micro_batch import MicroBatchTrainer, micro_batch_size, split_batch

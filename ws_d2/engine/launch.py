@@ -1,7 +1,4 @@
-"""Start training as one process, N processes on one or several machines (CUDA: NCCL; CPU: Gloo, no GPU seen),
-or as the torchrun (SLURM, elastic) worker this process already is. A worker that dies ends `launch` in a
-WorkerDied naming it; one that raises, in a ChildProcessError with its exception's line.
-"""
+"""Training in one process, N processes on one or several machines (NCCL or Gloo), or as a torchrun worker."""
 
 import os
 from unittest import mock
@@ -55,8 +52,7 @@ def _gloo_worker(
     local_rank, main_func, args, procs_per_machine, num_machines, machine_rank, dist_url, timeout
 ):
     rank = machine_rank * procs_per_machine + local_rank
-    world_size = num_machines * procs_per_machine
-    init = {"init_method": dist_url, "world_size": world_size, "rank": rank}
+    init = {"init_method": dist_url, "world_size": num_machines * procs_per_machine, "rank": rank}
     _run_in_process_group(main_func, args, procs_per_machine, "gloo", timeout, **init)
 
 
@@ -77,9 +73,8 @@ def launch(
     use_cuda=None,
     timeout=DEFAULT_TIMEOUT,
 ):
-    """Run `main_func(*args)` in every process of the job (module docstring). `use_cuda` defaults to
-    whether CUDA is available; under torchrun the counts come from its environment; `dist_url` "auto": a free
-    local port."""
+    """Run `main_func(*args)` in every process of the job (under torchrun: of its environment). A worker that
+    dies raises WorkerDied naming it; one that raises, ChildProcessError with its exception's line."""
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if launched_by_torchrun():
         return _run_torchrun_worker(main_func, args, use_cuda, timeout)

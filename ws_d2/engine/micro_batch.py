@@ -1,8 +1,4 @@
-"""Micro-batch training: one optimizer step accumulates the gradients of SOLVER.ITER_SIZE forward/backward passes.
-
-SOLVER.IMS_PER_BATCH stays the images per optimizer step, so schedules and logs count steps and a 16-image
-recipe trains unchanged on one device with ITER_SIZE 8.
-"""
+"""Micro-batches: a step of SOLVER.IMS_PER_BATCH images in SOLVER.ITER_SIZE passes (docs/TRAINING.md)."""
 
 import contextlib
 import time
@@ -21,8 +17,7 @@ def micro_batch_size(cfg, world_size):
 
 
 def split_batch(total, iter_size, world_size, keys=("SOLVER.IMS_PER_BATCH", "SOLVER.ITER_SIZE")):
-    """`total` images per step as `iter_size` passes on each of `world_size` processes: the images per pass,
-    exactly; ConfigError names the config keys (`keys`: those of the total and of iter_size) otherwise."""
+    """Images per pass of `total` images per step as `iter_size` passes on `world_size` processes, exactly."""
     total_key, iter_key = keys
     if iter_size < 1:
         raise ConfigError(f"{iter_key} must be >= 1, got {iter_size}")
@@ -37,10 +32,8 @@ def split_batch(total, iter_size, world_size, keys=("SOLVER.IMS_PER_BATCH", "SOL
 
 
 class MicroBatchTrainer(SimpleTrainer):
-    """SimpleTrainer whose step runs `iter_size` micro-batches, each loss scaled by 1/iter_size
-    (docs/TRAINING.md); under DDP it all-reduces once a step. `precision` (torch.float16 with a `grad_scaler`,
-    or torch.bfloat16) runs the passes under autocast, like AMPTrainer. `min_moving_speed` (EstBN) sets r
-    before every pass: one step of ITER_SIZE k moves the estimates as k steps of its micro-batches would."""
+    """SimpleTrainer whose step runs `iter_size` micro-batches (each loss / iter_size, one DDP all-reduce),
+    under autocast for a `precision` (like AMPTrainer), setting EstBN's r before each (`min_moving_speed`)."""
 
     def __init__(
         self,

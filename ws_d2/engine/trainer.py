@@ -1,7 +1,5 @@
-"""WSTrainer: detectron2's DefaultTrainer with micro-batches, CPU/Gloo DDP, AMP checks, COCO evaluation, BCN's
-moving-speed schedule and ws_d2's checkpointer. Only the constructor is its own: DefaultTrainer's hard-codes
-SimpleTrainer/AMPTrainer and DetectionCheckpointer.
-"""
+"""WSTrainer: DefaultTrainer with micro-batches, CPU/Gloo DDP, AMP checks and ws_d2's checkpointer, in a
+constructor of its own (DefaultTrainer's hard-codes SimpleTrainer/AMPTrainer and DetectionCheckpointer)."""
 
 import json
 import logging
@@ -16,14 +14,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import WSCheckpointer
-from ..data import check_datasets, gc_paused
+from ..data.coco import check_datasets, gc_paused
 from ..errors import ConfigError
 from .micro_batch import MicroBatchTrainer, micro_batch_size
 
 
 def check_trainable(cfg, world_size):
-    """Refuse, in one line and before anything is built, a config that cannot train on `world_size`
-    processes: a batch that does not divide into micro-batches, or an AMP precision the device cannot run."""
+    """Refuse, in one line, before anything is built, a config that cannot train on `world_size` processes."""
     micro_batch_size(cfg, world_size)
     precision, device = cfg.SOLVER.AMP.PRECISION, str(cfg.MODEL.DEVICE)
     if cfg.SOLVER.AMP.ENABLED and precision not in ("float16", "bfloat16"):
@@ -95,9 +92,8 @@ class WSTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
-        """COCO box (and mask) AP, and on a panoptic-separated set its semantic head's mIoU (not PQ);
-        detections are kept in OUTPUT_DIR/inference/<data set>/.
-        TEST.FAST_COCO_EVAL False evaluates with pycocotools' own COCOeval."""
+        """COCO box (and mask) AP, and on a panoptic-separated set the semantic head's mIoU (not PQ);
+        detections are kept in OUTPUT_DIR/inference/<data set>/."""
         output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         coco = COCOEvaluator(dataset_name, output_dir=output_dir, use_fast_impl=cfg.TEST.FAST_COCO_EVAL)
         if MetadataCatalog.get(dataset_name).get("evaluator_type") != "coco_panoptic_seg":

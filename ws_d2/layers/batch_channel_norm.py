@@ -1,8 +1,5 @@
 """Batch-Channel Normalization (BCN) with the numerics of the authors' code (docs/BCN.md): a per-channel batch
-step (BatchNorm2d, or EstBN: estimated statistics in training too), group normalization over G groups per
-sample without affine, then a per-GROUP affine of shape (1, G, 1). In eval mode an image's output does not
-depend on what it is batched with.
-"""
+step, group normalization over G groups without affine, then a per-group affine of shape (1, G, 1)."""
 
 import math
 
@@ -17,9 +14,8 @@ from ..errors import ConfigError
 
 
 class EstBN(nn.Module):
-    """BatchNorm by estimated statistics, in training too, with no gradient through them. Each training
-    forward first moves the estimates by r (``estbn_moving_speed``, set by the trainer, not saved) towards
-    the batch's moments over all processes, the variance taken around the OLD mean (the authors' order)."""
+    """BatchNorm by estimated statistics, in training too: each training forward first moves them by r
+    (``estbn_moving_speed``, set by the trainer, not saved) towards the batch's moments over all processes."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
@@ -60,8 +56,7 @@ class EstBN(nn.Module):
 
 
 def moving_speed(t: int, min_speed: float) -> float:
-    """ws_d2's r for the t-th training forward pass (micro-batch): 1 / (t + 1) makes the estimates the plain
-    average of the batches so far; the floor then makes it a moving average that follows the training weights."""
+    """EstBN's r for the t-th training forward pass (micro-batch); see "The r schedule" in docs/BCN.md."""
     return max(1.0 / (t + 1), min_speed)
 
 

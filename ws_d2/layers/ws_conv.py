@@ -1,9 +1,5 @@
-"""Weight-standardized convolution with the numerics of the published GN+WS checkpoints.
-
-Per output channel of W: W_hat = (W - mean) / (std + eps), with the UNBIASED std and eps outside the root, as
-the authors' code and mmcv's ConvWS compute it (not the paper's Eq. 2: docs/WS.md). The authors' BCN+WS release
-uses (W - mean) / sqrt(var + eps): `formula="sqrt_var_plus_eps"`. The paper's ablations of WS are `mode`s.
-"""
+"""Weight-standardized convolution with the numerics of the published checkpoints (docs/WS.md): per filter,
+(W - mean) / (std + eps) with the unbiased std, or the BCN+WS release's (W - mean) / sqrt(var + eps)."""
 
 import contextlib
 
@@ -15,8 +11,7 @@ from torch.autograd.function import once_differentiable
 from ..errors import ConfigError
 
 WS_FORMULAS = ("std_plus_eps", "sqrt_var_plus_eps")  # the GN+WS release's, the BCN+WS release's
-# the paper's Table 6: published WS, W - mean (WS+MO), W / rms (WS+DO), gain * W_hat + bias (WS+AF),
-# gain * W / ||W|| (WN); the last two learn a gain (and bias) per filter
+# the paper's Table 6 ablations (docs/WS.md#the-papers-ws-variants); the last two learn a gain (and bias)
 WS_MODES = ("standardize", "center", "scale", "standardize_affine", "weight_norm")
 _MODE_PARAMETERS = {"standardize_affine": ("ws_gain", "ws_bias"), "weight_norm": ("ws_gain",)}
 
@@ -80,9 +75,8 @@ class _StandardizeWeight(torch.autograd.Function):
 
 
 class _WSConvolution(torch.autograd.Function):
-    """conv2d(x, WS(W)) that saves the raw W and recomputes W_hat in backward: composed, autograd would keep
-    W_hat alive, one extra copy of every trainable conv weight, for the price of one elementwise pass.
-    The conv runs in x's dtype (autocast's half type, cast by the caller); the statistics stay in W's."""
+    """conv2d(x, WS(W)) that recomputes W_hat in backward rather than keep a copy of every conv weight alive;
+    the conv runs in x's dtype (autocast's, cast by the caller), the statistics in W's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, formula, stride, padding, dilation, groups):
@@ -171,10 +165,9 @@ def conv2d_arguments(conv: Conv2d) -> dict:
 
 
 class WSConv2d(Conv2d):
-    """detectron2's Conv2d (conv + norm + activation, same parameters and state_dict keys) convolving with
-    its standardized weight; plus `eps`, `formula` (WS_FORMULAS) and `mode` (WS_MODES; two add `ws_gain`,
-    `ws_bias`). A weight that needs no gradient (eval, a frozen stage) has its per-filter statistics cached
-    until it changes (W_hat would be a second copy); a write through `.data` is not seen: `clear_ws_cache()`."""
+    """detectron2's Conv2d (same parameters and state_dict keys) convolving with its weight standardized by
+    `eps`, `formula` and `mode` (docs/WS.md). A weight that needs no gradient has its statistics cached until
+    it changes: after a write through `.data`, call `clear_ws_cache()`."""
 
     def __init__(
         self, *args, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize", **kwargs

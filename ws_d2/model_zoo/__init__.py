@@ -1,6 +1,5 @@
-"""ws_d2's model zoo, with detectron2's model-zoo API: configs (YAML, or Python LazyConfig `.py` twins) from the
-installed package (copied at build time) or a checkout's `configs/`; published weights by URL (`published.py`),
-downloaded once and converted on load."""
+"""ws_d2's model zoo, with detectron2's model-zoo API: configs from the installed package (copied at build
+time) or a checkout's `configs/`; published weights by URL, downloaded once and converted on load."""
 
 import os
 from pathlib import Path
@@ -15,13 +14,7 @@ from ..errors import ConfigError
 from ..files import require_weights_file
 from . import published
 
-__all__ = [
-    "get",
-    "get_checkpoint_url",
-    "get_config",
-    "get_config_file",
-    "imagenet_weights",
-]
+__all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file", "imagenet_weights"]
 
 _CONFIG_DIRS = (Path(__file__).parent / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -35,8 +28,7 @@ def get_config_file(config_path: str) -> str:
 
 
 def get_checkpoint_url(config_path: str) -> str:
-    """The URL of the published trained weights of a config (MMDetection's GN+WS detectors); a `.py` config
-    has its YAML twin's."""
+    """The URL of a config's published trained weights (MMDetection's); a `.py` config has its YAML twin's."""
     get_config_file(config_path)  # a name that is no config at all gets that error first
     try:
         return published.TRAINED[os.path.splitext(config_path)[0] + ".yaml"]
@@ -48,18 +40,13 @@ def get_checkpoint_url(config_path: str) -> str:
 
 
 def get_config(config_path: str, trained: bool = False):
-    """The config: a CfgNode with ws_d2's keys, or for a `.py` name the LazyConfig. `trained=True` sets the
-    weights (MODEL.WEIGHTS, train.init_checkpoint) to the published trained weights. Otherwise they are the
-    config's own: for the GN+WS seed configs, the converted ImageNet backbone under pretrained/ if it is there,
-    else the URL of MMDetection's copy of the authors' ImageNet model."""
+    """The config (for a `.py` name the LazyConfig), with the published trained weights if `trained`, else its
+    own (`imagenet_weights`)."""
     path = get_config_file(config_path)
     lazy = path.endswith(".py")
     cfg = LazyConfig.load(path) if lazy else load_config(path, freeze=False)
     weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
-    if trained:
-        weights = get_checkpoint_url(config_path)
-    else:
-        weights = imagenet_weights(weights)
+    weights = get_checkpoint_url(config_path) if trained else imagenet_weights(weights)
     if lazy:
         cfg.train.init_checkpoint = weights
     else:
@@ -81,14 +68,13 @@ def get(config_path: str, trained: bool = False, device=None):
     cfg = get_config(config_path, trained)
     if device is None and not torch.cuda.is_available():
         device = "cpu"
-    if config_path.endswith(".py"):
-        require_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
+    lazy = config_path.endswith(".py")
+    weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
+    require_weights_file(weights, "train.init_checkpoint" if lazy else "MODEL.WEIGHTS")
+    if lazy:
         model = instantiate(cfg.model).to(device or cfg.train.device)
-        WSCheckpointer(model).load(cfg.train.init_checkpoint)
-        return model
-    if device is not None:
-        cfg.MODEL.DEVICE = device
-    require_weights_file(cfg.MODEL.WEIGHTS)
-    model = build_model(cfg)
-    WSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:
+        cfg.MODEL.DEVICE = cfg.MODEL.DEVICE if device is None else device
+        model = build_model(cfg)
+    WSCheckpointer(model).load(weights)
     return model

@@ -1,6 +1,5 @@
 """Where the published weights of ws_d2's configs live (MMDetection's `configs/gn+ws` metafile and mmcv's
-`open-mmlab://` table). Each file loads as MODEL.WEIGHTS as it is: WSCheckpointer downloads it once and converts
-it in memory."""
+`open-mmlab://` table); WSCheckpointer downloads each once and converts it in memory."""
 
 _MMDET = "https://download.openmmlab.com/mmdetection/v2.0/gn%2Bws"
 # MMDetection's re-hosted copies of the authors' ImageNet GN+WS models (`open-mmlab://jhu/...`)

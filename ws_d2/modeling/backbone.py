@@ -1,5 +1,4 @@
-"""GN+WS (and BCN+WS) ResNet/ResNeXt backbones: detectron2's own builders (MODEL.RESNETS / MODEL.FPN keys), with WS
-put on the normalized convs and, with MODEL.BCN.ENABLED, BCN in place of every GroupNorm."""
+"""GN+WS (and BCN+WS) ResNet/ResNeXt backbones: detectron2's own builders, converted by the config."""
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -19,30 +18,28 @@ def convert_by_config(module, cfg, prefix=""):
     return module
 
 
-def _check_bcn_norm(cfg):
+def _build_converted(build, cfg, input_shape):
     if cfg.MODEL.BCN.ENABLED and cfg.MODEL.RESNETS.NORM != "GN":
         raise ConfigError(
             f"MODEL.BCN.ENABLED puts BCN where the model has GroupNorm, but MODEL.RESNETS.NORM is "
             f"'{cfg.MODEL.RESNETS.NORM}': set it to GN"
         )
+    return convert_by_config(build(cfg, input_shape), cfg, "backbone.")
 
 
 @BACKBONE_REGISTRY.register()
 def build_ws_resnet_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet with WS on the stem, every block conv and every shortcut conv."""
-    _check_bcn_norm(cfg)
-    return convert_by_config(build_resnet_backbone(cfg, input_shape), cfg, "backbone.")
+    return _build_converted(build_resnet_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
 def build_ws_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet-FPN with WS on the ResNet convs and the FPN lateral and output convs."""
-    _check_bcn_norm(cfg)
-    return convert_by_config(build_resnet_fpn_backbone(cfg, input_shape), cfg, "backbone.")
+    return _build_converted(build_resnet_fpn_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
 def build_ws_retinanet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's RetinaNet ResNet-FPN (P3-P7) with WS as above; its P6/P7 convs carry no norm and stay plain."""
-    _check_bcn_norm(cfg)
-    return convert_by_config(build_retinanet_resnet_fpn_backbone(cfg, input_shape), cfg, "backbone.")
+    return _build_converted(build_retinanet_resnet_fpn_backbone, cfg, input_shape)

@@ -1,5 +1,4 @@
-"""Put WS on exactly the convs a normalization layer follows and BCN in place of their GroupNorms, in any
-detectron2 module; fold WS back into plain convs for deployment."""
+"""WS on exactly the convs a norm follows, BCN in place of their GroupNorms; WS folded back for deployment."""
 
 import torch
 from detectron2.layers import Conv2d
@@ -11,8 +10,7 @@ from ..layers.ws_conv import conv2d_arguments
 def convert_to_ws(
     module: torch.nn.Module, eps: float = 1e-5, formula: str = "std_plus_eps", mode: str = "standardize"
 ) -> torch.nn.Module:
-    """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters, in place;
-    the RPN convs, predictors and mask deconv carry none and stay plain, as in the published GN+WS models.
+    """Replace every detectron2 `Conv2d` that carries a norm by a `WSConv2d` sharing its parameters, in place.
     Returns `module` (a `Conv2d` passed directly comes back converted)."""
     if type(module) is Conv2d and module.norm is not None:
         return WSConv2d.from_conv2d(module, eps, formula, mode)

@@ -1,9 +1,11 @@
-"""GN+WS (and BCN+WS) RoI heads: subclasses of detectron2's 4conv1fc box head and mask head with WS on their
-normalized convs (the fc layers, predictors and mask deconv stay plain) and, with MODEL.BCN.ENABLED, BCN."""
+"""GN+WS (and BCN+WS) heads: detectron2's 4conv1fc box head, mask head and Panoptic FPN's semantic head,
+converted by the config."""
 
 from typing import Optional
 
 from detectron2.config import configurable
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
@@ -43,13 +45,14 @@ class WSHeadMixin:
 
 @ROI_BOX_HEAD_REGISTRY.register()
 class WSFastRCNNConvFCHead(WSHeadMixin, FastRCNNConvFCHead):
-    """FastRCNNConvFCHead with WS on its convs."""
-
     _bcn_prefix = "roi_heads.box_head."
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
 class WSMaskRCNNConvUpsampleHead(WSHeadMixin, MaskRCNNConvUpsampleHead):
-    """MaskRCNNConvUpsampleHead with WS on its convs."""
-
     _bcn_prefix = "roi_heads.mask_head."
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class WSSemSegFPNHead(WSHeadMixin, SemSegFPNHead):
+    _bcn_prefix = "sem_seg_head."

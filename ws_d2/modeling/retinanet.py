@@ -1,6 +1,5 @@
-"""GN+WS RetinaNet: detectron2's RetinaNet whose head normalizes its subnet convs with MODEL.RETINANET.NORM and
-puts WS on each of them. detectron2's head builds plain nn.Conv2d that `convert_to_ws` does not see (and v0.6's
-refuses GN outright), so the meta-architecture swaps in this head; the predictors stay plain, as in RetinaNet."""
+"""GN+WS RetinaNet: its head's subnet convs normalized by MODEL.RETINANET.NORM, with WS. detectron2's head
+builds plain nn.Conv2d, unseen by `convert_to_ws` (and v0.6's refuses GN), so this one is swapped in."""
 
 from typing import Optional
 
@@ -75,8 +74,7 @@ def _with_ws(conv: nn.Conv2d, eps, formula, mode):
 
 @META_ARCH_REGISTRY.register()
 class WSRetinaNet(RetinaNet):
-    """detectron2's RetinaNet with WSRetinaNetHead: WS on the backbone's (MODEL.BACKBONE.NAME) and the head's
-    normalized convs; the P6/P7 convs and the two predictors carry no norm and stay plain."""
+    """detectron2's RetinaNet with WSRetinaNetHead; P6/P7 and the predictors carry no norm and stay plain."""
 
     @classmethod
     def from_config(cls, cfg):
