@@ -53,7 +53,10 @@ def load_checked_coco(json_file, image_root, name=None, image_check="once"):
         for annotation in record.get("annotations", ()):
             box = annotation.get("bbox")
             if box is not None and (len(box) != 4 or box[2] < 0 or box[3] < 0):
-                raise _named_record_error(json_file, None, record["image_id"], box)
+                raise DatasetError(
+                    f"{json_file}: annotation id {_annotation_id(json_file, record['image_id'], box)} (image id "
+                    f"{record['image_id']}): bbox {box} is not [x, y, width, height] with width, height >= 0"
+                )
     if image_check != "never":
         _check_images(json_file, image_root, dicts, image_check == "always")
     return dicts
@@ -148,18 +151,20 @@ def _marker(json_file, image_root, rank, world):
     return os.path.join(cache, "checked_images", f"{key}-{rank}of{world}.json")
 
 
-def _named_record_error(json_file, error, image_id=None, box=None):
-    """What load_coco_json refused (`error`), or a bad `box`, in one line naming the record: detectron2's
-    records drop annotation ids (keeping them would cost every load), so the file is read again to find it."""
+def _annotation_id(json_file, image_id, box):
+    # detectron2's records drop annotation ids: keeping them costs every load, so a bad box's id is looked up
     with open(json_file) as f:
-        content = json.load(f)
-    if box is not None:
-        found = (a for a in content["annotations"] if a["image_id"] == image_id and a.get("bbox") == box)
-        return DatasetError(
-            f"{json_file}: annotation id {next(found, {}).get('id')} (image id {image_id}): bbox {box} "
-            "is not [x, y, width, height] with width, height >= 0"
-        )
+        annotations = json.load(f)["annotations"]
+    return next(
+        (a.get("id") for a in annotations if a["image_id"] == image_id and a.get("bbox") == box), None
+    )
+
+
+def _named_record_error(json_file, error):
+    """What load_coco_json refused, in one line naming the record: the file is read again to find it."""
     try:
+        with open(json_file) as f:
+            content = json.load(f)
         missing = [key for key in ("images", "annotations", "categories") if key not in content]
         if missing:
             return DatasetError(f"{json_file} is not a COCO instances file: it lacks {', '.join(missing)}")
