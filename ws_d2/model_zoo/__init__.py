@@ -74,7 +74,7 @@ def get(config_path: str, trained: bool = False, device=None):
     if lazy:
         model = instantiate(cfg.model).to(device or cfg.train.device)
     else:
-        cfg.MODEL.DEVICE = cfg.MODEL.DEVICE if device is None else device
+        cfg.MODEL.DEVICE = device or cfg.MODEL.DEVICE
         model = build_model(cfg)
     WSCheckpointer(model).load(weights)
     return model
